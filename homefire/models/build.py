@@ -1,0 +1,151 @@
+"""Build Llama-shaped models offline, cached and keyed on their recipe.
+
+The tokenizer is a byte-level BPE trained on ``pydoc_data/topics.py`` (~750 KB of
+English documentation that ships with CPython), with a chat template. The model is a
+``LlamaForCausalLM`` initialised from a config and saved as safetensors, so vLLM,
+transformers and PEFT load it exactly as they load a downloaded checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from homefire.registry import Entry, Registry
+
+logger = logging.getLogger(__name__)
+
+#: Bump when the build code changes in a way that changes the artifacts.
+BUILD_CODE_VERSION = 1
+
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+#: A Jinja chat template over the special tokens above (what `apply_chat_template` renders).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% else %}{% set text = message['content'] | map(attribute='text') | join('') %}{% endif %}"
+    "{{ '<|' + message['role'] + '|>\n' + text + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """Everything that determines a built model; its hash keys the cache."""
+
+    name: str
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 1024
+    seed: int = 0
+
+    def hash(self) -> str:
+        payload = json.dumps({**dataclasses.asdict(self), "code": BUILD_CODE_VERSION}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+DEMO_RECIPES: dict[str, ModelRecipe] = {
+    # ~5M parameters: the default served model.
+    "demo": ModelRecipe(name="demo"),
+    # ~0.8M parameters: the second default model and the one tests use.
+    "demo-tiny": ModelRecipe(
+        name="demo-tiny", vocab_size=2048, hidden_size=128, intermediate_size=344,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+    ),
+}
+
+
+def corpus_text() -> str:
+    """The English text that ships with CPython: the pydoc topic help."""
+    from pydoc_data import topics
+
+    return "\n\n".join(topics.topics.values())
+
+
+def build_tokenizer(vocab_size: int, out_dir: Path) -> None:
+    """Train a byte-level BPE tokenizer and save it with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    text = corpus_text()
+    tok.train_from_iterator((text[i : i + 4096] for i in range(0, len(text), 4096)), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|pad|>",
+        model_max_length=1_000_000,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+
+
+def build_model(recipe: ModelRecipe, out_dir: str | Path) -> Path:
+    """Write tokenizer, config and random-init safetensors weights for ``recipe`` into ``out_dir``."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(recipe.vocab_size, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_hidden_layers,
+        num_attention_heads=recipe.num_attention_heads,
+        num_key_value_heads=recipe.num_key_value_heads,
+        max_position_embeddings=recipe.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(recipe.seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    ).save_pretrained(out_dir)
+    (out_dir / "homefire_recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
+    return out_dir
+
+
+def ensure_model(recipe: ModelRecipe | str, registry: Registry | None = None) -> Entry:
+    """Return the registry entry for ``recipe``, building and registering it if missing."""
+    if isinstance(recipe, str):
+        recipe = DEMO_RECIPES[recipe]
+    registry = registry or Registry()
+    key = recipe.hash()
+    found = registry.find_by_recipe(recipe.name, key)
+    if found is not None:
+        return found
+    logger.info("building model %s (recipe %s) ...", recipe.name, key)
+    with tempfile.TemporaryDirectory(prefix="homefire-build-") as tmp:
+        build_model(recipe, Path(tmp) / recipe.name)
+        entry = registry.register(
+            recipe.name, Path(tmp) / recipe.name, kind="base",
+            config={"recipe": dataclasses.asdict(recipe)}, run="homefire models build", recipe_hash=key,
+        )
+        shutil.rmtree(Path(tmp) / recipe.name, ignore_errors=True)
+    return entry

@@ -1,0 +1,138 @@
+"""Builders: config in, Serve application out. ``homefire.serve:build_app`` is what
+``serve run`` / ``serve deploy`` configs name as their ``import_path``.
+
+Example (a Serve config)::
+
+    applications:
+      - name: homefire
+        route_prefix: /
+        import_path: homefire.serve:build_app
+        args: {models: [{name: demo, source: demo}]}
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from homefire import constants
+from homefire.config import load_yaml, validate_config
+from homefire.errors import ConfigError
+from homefire.registry import Registry
+from homefire.serve.config import AppConfig, ModelConfig
+
+#: Streaming chunks leave the model replica at most this often after the first token.
+STREAM_INTERVAL_S = float(os.environ.get("HOMEFIRE_STREAM_INTERVAL_S", "0.05"))
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+
+
+def deployment_name(model: ModelConfig) -> str:
+    return "model-" + model.name.replace("/", "--")
+
+
+def resolve_model_path(model: ModelConfig, registry: Registry) -> str:
+    """A registry ref, directory or hub id -> what the engine loads; builds the offline demo models on demand."""
+    from homefire.models.build import DEMO_RECIPES, ensure_model
+
+    src = model.source
+    if src in DEMO_RECIPES and not Path(src).is_dir():
+        return ensure_model(DEMO_RECIPES[src], registry).path
+    return registry.resolve_source(src)
+
+
+def _model_options(m: ModelConfig) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "name": deployment_name(m),
+        "ray_actor_options": {"num_cpus": m.cpus, "num_gpus": m.gpus},
+        "max_ongoing_requests": m.max_ongoing_requests,
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": 20,
+    }
+    if m.autoscaling is not None:
+        opts["autoscaling_config"] = m.autoscaling.to_serve()
+        # `num_replicas` must be "auto" or unset when autoscaling.
+    else:
+        opts["num_replicas"] = m.replicas or 1
+    return opts
+
+
+def build_app(args: dict[str, Any] | None = None):
+    """Build the homefire Serve application.
+
+    Args:
+        args: an :class:`~homefire.serve.config.AppConfig` as a dict, or ``{"config": "<path to yaml>"}``;
+            empty means the embedded default (two offline demo models).
+
+    Returns:
+        A bound Serve application, ready for ``serve.run``.
+
+    Raises:
+        ConfigError: naming the bad key and the fix.
+    """
+    from ray import serve
+
+    from homefire.serve.ingress import Ingress
+    from homefire.serve.server import ModelServer
+
+    cfg = load_app_config(args)
+    registry = Registry(cfg.registry) if cfg.registry else Registry()
+    handles, deployments = {}, {}
+    for m in cfg.models:
+        path = resolve_model_path(m, registry)
+        dep = serve.deployment(ModelServer).options(**_model_options(m))
+        handles[m.name] = dep.bind(m.model_dump(mode="json"), path, STREAM_INTERVAL_S)
+        deployments[deployment_name(m)] = m.name
+    server = cfg.server.model_dump(mode="json")
+    # Keys live in the environment of whoever builds the app; hand them to the ingress without writing them to disk.
+    server["api_keys"] = [k.get_secret_value() for k in cfg.server.api_keys]
+    if cfg.server.api_key_env and os.environ.get(cfg.server.api_key_env):
+        server["api_keys"] += [k.strip() for k in os.environ[cfg.server.api_key_env].split(",") if k.strip()]
+    ingress = serve.deployment(Ingress).options(
+        name="ingress",
+        num_replicas=cfg.server.ingress_replicas,
+        ray_actor_options={"num_cpus": cfg.server.ingress_cpus},
+        max_ongoing_requests=10_000,
+    )
+    return ingress.bind(server, handles, deployments, int(time.time()))
+
+
+def load_app_config(args: dict[str, Any] | None) -> AppConfig:
+    """Accept a homefire app config dict, ``{"config": path}``, or nothing (the embedded default)."""
+    args = dict(args or {})
+    if not args:
+        return app_config_from_file(DEFAULT_CONFIG)
+    if set(args) == {"config"}:
+        return app_config_from_file(args["config"])
+    return validate_config(AppConfig, args, "serve args")
+
+
+def app_config_from_file(path: str | Path) -> AppConfig:
+    """Read a homefire serve YAML: either an AppConfig, or a Serve config whose app runs ``build_app``."""
+    data = load_yaml(path)
+    if isinstance(data, dict) and "applications" in data:
+        apps = [a for a in data["applications"] or [] if str(a.get("import_path", "")).startswith("homefire.serve")]
+        if len(apps) != 1:
+            raise ConfigError(
+                f"{path}: expected exactly one application with import_path 'homefire.serve:build_app', "
+                f"found {len(apps)}. Fix: point one application at homefire.serve:build_app"
+            )
+        data = apps[0].get("args") or {}
+        if not data:
+            return app_config_from_file(DEFAULT_CONFIG)
+    return validate_config(AppConfig, data, str(path))
+
+
+def serve_http_options(path: str | Path | None) -> dict[str, Any]:
+    """The ``http_options`` block of a Serve config file, if any."""
+    if path is None:
+        return {}
+    data = load_yaml(path)
+    if isinstance(data, dict):
+        return dict(data.get("http_options") or {})
+    return {}
+
+
+__all__ = ["DEFAULT_CONFIG", "STREAM_INTERVAL_S", "build_app", "constants", "load_app_config"]

@@ -1,0 +1,140 @@
+"""Typed serve configuration: the YAML a user writes, the args `build_app` takes.
+
+The same models back ``homefire serve``'s flags, so defaults live here and only here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from homefire import constants
+from homefire.config import ModelSpec, StrictModel
+
+_SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+
+
+class AutoscalingConfig(StrictModel):
+    """Replica autoscaling for one model (Ray Serve's autoscaler, driven by ongoing requests)."""
+
+    min_replicas: int = Field(1, ge=0, le=1000, description="Fewest replicas; 0 scales the model to zero when idle.")
+    max_replicas: int = Field(1, ge=1, le=1000, description="Most replicas.")
+    initial_replicas: int | None = Field(None, ge=0, le=1000, description="Replicas at start (default: min).")
+    target_ongoing_requests: float = Field(
+        16.0, gt=0, le=10_000, description="Ongoing requests per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, le=3600, description="Demand must persist this long to add replicas.")
+    downscale_delay_s: float = Field(60.0, ge=0, le=86_400, description="Idle this long before removing replicas.")
+    metrics_interval_s: float = Field(2.0, gt=0, le=60, description="How often replicas report load.")
+    look_back_period_s: float = Field(10.0, gt=0, le=600, description="Window the load is averaged over.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas}); "
+                "fix: raise max_replicas or lower min_replicas"
+            )
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(
+                f"initial_replicas ({self.initial_replicas}) must lie in [min_replicas, max_replicas] = "
+                f"[{self.min_replicas}, {self.max_replicas}]; fix: change initial_replicas"
+            )
+        return self
+
+    def to_serve(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class ModelConfig(ModelSpec):
+    """One served model: where it comes from, which engine runs it, and how it is placed and scaled."""
+
+    name: str = Field(description="The id clients put in `model`.")
+    engine: Literal["vllm", "mock"] = Field(
+        "vllm", description="Inference engine. `mock` generates fake tokens and exists only to test the layers above."
+    )
+    gpus: float = Field(
+        0.0, ge=0, le=8,
+        description="GPUs per replica. A fraction (0.5) shares one GPU between replicas and sets the engine's "
+        "GPU-memory share to the same fraction.",
+    )
+    cpus: float = Field(1.0, gt=0, le=256, description="Logical CPUs per replica.")
+    replicas: int | None = Field(None, ge=1, le=1000, description="A fixed replica count (instead of autoscaling).")
+    autoscaling: AutoscalingConfig | None = Field(None, description="Autoscaling bounds (instead of `replicas`).")
+    max_ongoing_requests: int = Field(
+        256, ge=1, le=100_000, description="Requests one replica accepts at once; the engine batches them."
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1,
+        description="Share of device memory the engine may take; default 0.9 x gpus on GPU, 0.3 on CPU.",
+    )
+    kv_cache_gb: float = Field(1.0, gt=0, le=4096, description="KV-cache size on CPU machines (GiB).")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Extra engine keyword arguments (vLLM: AsyncEngineArgs fields)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _SERVED_NAME_RE.match(v) or ":" in v or "@" in v:
+            raise ValueError(f"'{v}' is not a valid model name; fix: use letters, digits, '.', '_', '-' or '/'")
+        return v
+
+    @model_validator(mode="after")
+    def _placement(self) -> "ModelConfig":
+        if self.gpus > 1 and self.gpus != int(self.gpus):
+            raise ValueError(f"gpus={self.gpus}: above 1 GPU a replica needs a whole number; fix: use 1, 2, 4 or 8")
+        if self.replicas is not None and self.autoscaling is not None:
+            raise ValueError("give either `replicas` (fixed) or `autoscaling` (bounds), not both; fix: remove one")
+        if "trust_remote_code" in self.engine_args:
+            raise ValueError("set `trust_remote_code` on the model, not in engine_args; fix: move it up one level")
+        return self
+
+    def memory_share(self) -> float:
+        """The engine's device-memory share: the replica's GPU fraction on GPU, a fixed share on CPU."""
+        if self.gpu_memory_utilization is not None:
+            return self.gpu_memory_utilization
+        if self.gpus == 0:
+            return 0.3
+        return round(0.9 * min(self.gpus, 1.0), 4)
+
+
+class ServerConfig(StrictModel):
+    """The HTTP front door."""
+
+    host: str = Field(constants.DEFAULT_HOST, description="Bind address; loopback unless you mean to expose it.")
+    port: int = Field(constants.DEFAULT_PORT, ge=1, le=65535, description="API port.")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="Accepted API keys (prefer `api_key_env` so keys stay out of files)."
+    )
+    api_key_env: str | None = Field(
+        constants.API_KEY_ENV, description="Environment variable holding comma-separated API keys."
+    )
+    max_body_bytes: int = Field(1_000_000, ge=1024, le=1 << 30, description="Largest request body accepted.")
+    max_n: int = Field(16, ge=1, le=128, description="Largest `n` (choices per request) accepted.")
+    request_timeout_s: float = Field(600.0, gt=0, le=86_400, description="Longest a request may run.")
+    cold_start_timeout_s: float = Field(
+        constants.COLD_START_TIMEOUT_S, gt=0, le=3600,
+        description="How long a request waits for a replica of a model scaled to zero before a 503.",
+    )
+    ingress_cpus: float = Field(0.1, gt=0, le=64, description="Logical CPUs reserved for each ingress replica.")
+    ingress_replicas: int = Field(1, ge=1, le=100, description="Ingress replicas.")
+
+
+class AppConfig(StrictModel):
+    """A homefire serve application: several models behind one OpenAI-compatible API."""
+
+    models: list[ModelConfig] = Field(min_length=1, description="Models to serve, routed by their `name`.")
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    registry: str | None = Field(None, description="Registry root for `source` references (default ~/.cache).")
+
+    @model_validator(mode="after")
+    def _unique(self) -> "AppConfig":
+        seen: set[str] = set()
+        for i, m in enumerate(self.models):
+            if m.name in seen:
+                raise ValueError(f"models.{i}.name: '{m.name}' is served twice; fix: give each model its own name")
+            seen.add(m.name)
+        return self

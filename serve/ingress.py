@@ -1,0 +1,278 @@
+"""The OpenAI-compatible front door: auth, parsing, routing by ``model``, the one error edge.
+
+Routes
+    ``GET /health`` (liveness, no key) · ``GET /ready`` (readiness, no key) ·
+    ``GET /v1/models`` · ``POST /v1/chat/completions`` · ``POST /v1/completions`` ·
+    ``GET /v1/status`` · ``GET /metrics`` (Prometheus).
+
+Every error leaves as ``{"error": {"message", "type", "param", "code"}}`` with a 4xx
+status for bad input; nothing the client sends produces a 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from homefire.errors import (
+    AuthenticationError,
+    EngineError,
+    HomefireError,
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+)
+from homefire.serve.config import ServerConfig
+from homefire.serve.metrics import ServeMetrics
+from homefire.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+logger = logging.getLogger(__name__)
+
+app = FastAPI(title="homefire", description="OpenAI-compatible API for models served by homefire.")
+_PUBLIC = {"/health", "/ready"}
+
+
+def error_response(err: HomefireError) -> JSONResponse:
+    """The single place a homefire error becomes an HTTP response."""
+    return JSONResponse(err.to_openai(), status_code=err.status)
+
+
+def error_event(err: HomefireError) -> str:
+    """The same error as a server-sent event, for failures after a stream has started."""
+    return f"data: {json.dumps(err.to_openai())}\n\ndata: [DONE]\n\n"
+
+
+@app.exception_handler(HomefireError)
+async def _homefire_error(request: Request, err: HomefireError) -> JSONResponse:
+    return error_response(err)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+    body = {"error": {"message": f"{request.method} {request.url.path}: {err.detail}", "type": kind, "param": None, "code": None}}
+    return JSONResponse(body, status_code=err.status_code)
+
+
+def _param(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if p not in ("function-after", "function-before")) or "body"
+
+
+def parse_request(body: bytes, model_cls: type) -> Any:
+    """JSON bytes -> validated request; InvalidRequest naming the field otherwise."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f" at line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise InvalidRequest(f"request body is not valid JSON{where}: {getattr(err, 'msg', err)}", param="body") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"request body must be a JSON object, got {type(data).__name__}", param="body")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as err:
+        errors = err.errors()
+        first = errors[0]
+        param = _param(tuple(first["loc"]))
+        msgs = []
+        for e in errors[:5]:
+            p = _param(tuple(e["loc"]))
+            if e["type"] == "extra_forbidden":
+                msgs.append(f"{p}: unknown field; remove it")
+            elif e["type"] == "missing":
+                msgs.append(f"{p}: field required")
+            else:
+                got = e.get("input")
+                got_s = "" if isinstance(got, (dict, list)) else f" (got {got!r:.60})"
+                msgs.append(f"{p}: {e['msg']}{got_s}")
+        raise InvalidRequest("; ".join(msgs), param=param) from None
+
+
+@serve.ingress(app)
+class Ingress:
+    """Routes each request to the deployment of the model it names."""
+
+    def __init__(self, server: dict[str, Any], models: dict[str, Any], deployments: dict[str, str], created: int):
+        self.cfg = ServerConfig.model_validate(server)
+        self.handles = models  # served name -> DeploymentHandle
+        self.deployments = deployments  # deployment name -> served name
+        self.created = created
+        keys = [k.get_secret_value() for k in self.cfg.api_keys]
+        if self.cfg.api_key_env and os.environ.get(self.cfg.api_key_env):
+            keys += [k.strip() for k in os.environ[self.cfg.api_key_env].split(",") if k.strip()]
+        self.api_keys = [k.encode() for k in keys]
+        self.metrics = ServeMetrics()
+        self._ongoing: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ plumbing
+    def _authorize(self, request: Request) -> None:
+        if not self.api_keys or request.url.path in _PUBLIC:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
+        if not token or not any(hmac.compare_digest(token, k) for k in self.api_keys):
+            raise AuthenticationError(
+                "missing or invalid API key; send it as 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}", param="body")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", param="body")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _route(self, model: str) -> tuple[str, str, str | None]:
+        base, _, adapter = model.partition(":")
+        if base not in self.handles:
+            raise ModelNotFound(
+                f"model '{model}' is not served; served models: {', '.join(sorted(self.handles))}",
+                param="model", code="model_not_found",
+            )
+        return base, model, adapter or None
+
+    async def _generate(self, request: Request, model_cls: type, method: str, route: str) -> Response:
+        self._authorize(request)
+        req = parse_request(await self._read_body(request), model_cls)
+        if req.n > self.cfg.max_n:
+            raise InvalidRequest(f"n={req.n} is above this server's limit of {self.cfg.max_n}", param="n")
+        base, label, adapter = self._route(req.model)
+        started = time.perf_counter()
+        handle = self.handles[base].options(stream=True, method_name=method)
+        gen = handle.remote(req, adapter)
+        first_wait = self.cfg.cold_start_timeout_s + (0 if req.stream else self.cfg.request_timeout_s)
+        self._ongoing[base] = self._ongoing.get(base, 0) + 1
+        self.metrics.ongoing.labels(base).set(self._ongoing[base])
+        try:
+            first = await asyncio.wait_for(gen.__anext__(), first_wait)
+        except BaseException as err:
+            gen.cancel()
+            self._done(base, route, started)
+            raise self._as_homefire(err, base, first_wait) from None
+        if req.stream:
+            return StreamingResponse(self._relay(first, gen, base, route, started), media_type="text/event-stream")
+        try:
+            async for item in gen:
+                if isinstance(item, dict):
+                    self.metrics.observe_stats(base, item)
+        finally:
+            self._done(base, route, started, 200)
+        return Response(first, media_type="application/json")
+
+    def _as_homefire(self, err: BaseException, model: str, waited_s: float) -> HomefireError:
+        if isinstance(err, HomefireError):
+            return err
+        if isinstance(err, asyncio.TimeoutError):
+            return ServiceUnavailable(
+                f"model '{model}' had no replica ready within {waited_s:.0f}s (it may be scaling up from zero or "
+                "short of resources: see GET /v1/status); retry later"
+            )
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, HomefireError):
+            return cause
+        logger.exception("request to %s failed", model, exc_info=err)
+        return EngineError(f"model '{model}' failed to answer: {type(err).__name__}: {err}")
+
+    def _done(self, model: str, route: str, started: float, status: int | None = None, err: HomefireError | None = None):
+        self._ongoing[model] = max(0, self._ongoing.get(model, 1) - 1)
+        self.metrics.ongoing.labels(model).set(self._ongoing[model])
+        if status is not None:
+            self.metrics.requests.labels(model, route, str(status)).inc()
+            self.metrics.e2e.labels(model).observe(time.perf_counter() - started)
+
+    async def _relay(self, first: str, gen, model: str, route: str, started: float) -> AsyncIterator[str]:
+        status = 200
+        try:
+            yield first
+            async for item in gen:
+                if isinstance(item, dict):
+                    self.metrics.observe_stats(model, item)
+                else:
+                    yield item
+        except (asyncio.CancelledError, GeneratorExit):  # client went away: stop the replica's work too
+            gen.cancel()
+            raise
+        except BaseException as err:
+            status = 500
+            herr = self._as_homefire(err, model, 0)
+            self.metrics.errors.labels(model, herr.type).inc()
+            yield error_event(herr)
+        finally:
+            self._done(model, route, started, status)
+
+    # ------------------------------------------------------------------ routes
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._counted(request, ChatCompletionRequest, "chat", "chat")
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._counted(request, CompletionRequest, "completion", "completions")
+
+    async def _counted(self, request: Request, model_cls: type, method: str, route: str) -> Response:
+        try:
+            return await self._generate(request, model_cls, method, route)
+        except HomefireError as err:
+            model = "-"
+            self.metrics.requests.labels(model, route, str(err.status)).inc()
+            self.metrics.errors.labels(model, err.type).inc()
+            return error_response(err)
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> dict:
+        self._authorize(request)
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": self.created, "owned_by": "homefire"}
+                for name in sorted(self.handles)
+            ],
+        }
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        """Liveness: the API process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(self) -> JSONResponse:
+        """Readiness: every model that should have a replica has a running one."""
+        from homefire.serve.status import app_status
+
+        st = await asyncio.to_thread(app_status, serve.get_replica_context().app_name, self.deployments)
+        not_ready = {
+            d["model"]: d["status"] for d in st["deployments"].values()
+            if d["model"] is not None and d["running"] == 0 and d["status"] != "HEALTHY"
+        }
+        body = {"status": "ready" if not not_ready else "not_ready", "not_ready": not_ready}
+        return JSONResponse(body, status_code=200 if not not_ready else 503)
+
+    @app.get("/v1/status")
+    async def status(self, request: Request) -> dict:
+        from homefire.serve.status import app_status
+
+        self._authorize(request)
+        return await asyncio.to_thread(app_status, serve.get_replica_context().app_name, self.deployments)
+
+    @app.get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        self._authorize(request)
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,268 @@
+"""The OpenAI layer on top of any engine: prompt rendering, length checks, response shapes.
+
+It runs inside the model replica, next to the engine, so that tokens are turned into
+SSE bytes once and travel to the client in as few hops as possible. Output is a stream
+of ``str`` items (SSE text or a JSON body) followed by one ``dict``: the request's stats,
+which the ingress records as metrics and never forwards.
+
+Streaming chunks are batched in time: the first chunk leaves at once (TTFT is untouched),
+later ones leave every ``stream_interval_s``. Each hop through Ray costs CPU per item, so
+batching is what keeps the stack close to a bare engine under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from homefire.errors import EngineError, HomefireError, InvalidRequest
+from homefire.serve.engines.protocol import Delta, Engine, SamplingSpec
+from homefire.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+_DONE = "data: [DONE]\n\n"
+_dumps = json.dumps
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {_dumps(obj, separators=(',', ':'))}\n\n"
+
+
+class OpenAIServing:
+    """Turns validated OpenAI requests into engine calls and engine deltas into OpenAI responses."""
+
+    def __init__(self, model_name: str, engine: Engine, tokenizer: Any, stream_interval_s: float = 0.0):
+        self.model_name = model_name
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.stream_interval_s = stream_interval_s
+        self.vocab_size = len(tokenizer)
+
+    # ------------------------------------------------------------------ prompts
+    def render_chat(self, req: ChatCompletionRequest) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequest(
+                f"model '{self.model_name}' has no chat template; use /v1/completions with a plain prompt",
+                param="messages",
+            )
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as err:  # a template may reject a role order (e.g. two system messages)
+            raise InvalidRequest(f"the model's chat template rejected the messages: {err}", param="messages") from err
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def render_prompt(self, req: CompletionRequest) -> list[int]:
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequest(
+                    f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})", param="prompt"
+                )
+            return list(prompt)
+        text = prompt[0] if isinstance(prompt, list) else prompt
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def sampling(self, req: ChatCompletionRequest | CompletionRequest, prompt_len: int, field: str) -> SamplingSpec:
+        limit = self.engine.max_model_len
+        if prompt_len >= limit:
+            raise InvalidRequest(
+                f"this model's maximum context length is {limit} tokens, but the {field} use {prompt_len} tokens; "
+                f"shorten the {field}",
+                param=field, code="context_length_exceeded",
+            )
+        requested = req.token_limit()
+        param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+        if requested is None:
+            requested = limit - prompt_len
+        elif prompt_len + requested > limit:
+            raise InvalidRequest(
+                f"this model's maximum context length is {limit} tokens; you asked for {prompt_len + requested} "
+                f"({prompt_len} in the {field}, {requested} in the completion). Lower {param} to at most "
+                f"{limit - prompt_len}",
+                param=param, code="context_length_exceeded",
+            )
+        fmt = getattr(req, "response_format", None)
+        return SamplingSpec(
+            max_tokens=requested, n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+            seed=req.seed, stop=list(req.stop or []), presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            json_schema=fmt.json_schema.schema_ if fmt is not None and fmt.type == "json_schema" else None,
+            json_object=fmt is not None and fmt.type == "json_object",
+        )
+
+    # ------------------------------------------------------------------ entry points
+    async def chat(self, req: ChatCompletionRequest, adapter: str | None = None) -> AsyncIterator[str | dict]:
+        received = time.perf_counter()
+        ids = self.render_chat(req)
+        spec = self.sampling(req, len(ids), "messages")
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = self.engine.generate(rid, ids, spec, adapter)
+        st = _stats(len(ids))
+        body = self._chat_stream(req, rid, stream, st) if req.stream else self._chat_full(req, rid, stream, st)
+        async for item in self._timed(body, received, st, req.stream, 2 if req.stream else 1):
+            yield item
+
+    async def completion(self, req: CompletionRequest, adapter: str | None = None) -> AsyncIterator[str | dict]:
+        received = time.perf_counter()
+        ids = self.render_prompt(req)
+        spec = self.sampling(req, len(ids), "prompt")
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        stream = self.engine.generate(rid, ids, spec, adapter)
+        st = _stats(len(ids))
+        body = self._text_stream(req, rid, stream, st) if req.stream else self._text_full(req, rid, stream, st)
+        async for item in self._timed(body, received, st, req.stream, 1):
+            yield item
+
+    # ------------------------------------------------------------------ shapes
+    async def _chat_stream(self, req, rid, stream: AsyncIterator[Delta], st: dict):
+        created = int(time.time())
+        head = f'data: {{"id":"{rid}","object":"chat.completion.chunk","created":{created},"model":{_dumps(self.model_name)},"choices":['
+        yield "".join(
+            f'{head}{{"index":{i},"delta":{{"role":"assistant","content":""}},"finish_reason":null}}]}}\n\n'
+            for i in range(req.n)
+        )
+        async for d in stream:
+            st["completion_tokens"] += d.num_tokens
+            finish = "null" if d.finish_reason is None else f'"{d.finish_reason}"'
+            delta = f'{{"content":{_dumps(d.text)}}}' if d.text or d.finish_reason is None else "{}"
+            yield f'{head}{{"index":{d.index},"delta":{delta},"finish_reason":{finish}}}]}}\n\n'
+        yield self._usage_tail(req, rid, created, "chat.completion.chunk", st)
+
+    async def _text_stream(self, req, rid, stream: AsyncIterator[Delta], st: dict):
+        created = int(time.time())
+        head = f'data: {{"id":"{rid}","object":"text_completion","created":{created},"model":{_dumps(self.model_name)},"choices":['
+        async for d in stream:
+            st["completion_tokens"] += d.num_tokens
+            finish = "null" if d.finish_reason is None else f'"{d.finish_reason}"'
+            yield f'{head}{{"index":{d.index},"text":{_dumps(d.text)},"logprobs":null,"finish_reason":{finish}}}]}}\n\n'
+        yield self._usage_tail(req, rid, created, "text_completion", st)
+
+    def _usage_tail(self, req, rid, created, obj, st: dict) -> str:
+        tail = ""
+        if req.stream_options is not None and req.stream_options.include_usage:
+            tail = _sse({
+                "id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
+                "usage": _usage(st["prompt_tokens"], st["completion_tokens"]),
+            })
+        return tail + _DONE
+
+    async def _collect(self, stream: AsyncIterator[Delta], n: int) -> tuple[list[list[str]], list[str | None], int]:
+        texts: list[list[str]] = [[] for _ in range(n)]
+        finish: list[str | None] = [None] * n
+        tokens = 0
+        async for d in stream:
+            texts[d.index].append(d.text)
+            tokens += d.num_tokens
+            if d.finish_reason is not None:
+                finish[d.index] = d.finish_reason
+        return texts, finish, tokens
+
+    async def _chat_full(self, req, rid, stream, st: dict):
+        texts, finish, tokens = await self._collect(stream, req.n)
+        st["completion_tokens"] = tokens
+        yield _dumps({
+            "id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
+            "choices": [
+                {"index": i, "message": {"role": "assistant", "content": "".join(t)}, "logprobs": None,
+                 "finish_reason": finish[i] or "stop"}
+                for i, t in enumerate(texts)
+            ],
+            "usage": _usage(st["prompt_tokens"], tokens),
+        })
+
+    async def _text_full(self, req, rid, stream, st: dict):
+        texts, finish, tokens = await self._collect(stream, req.n)
+        st["completion_tokens"] = tokens
+        yield _dumps({
+            "id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
+            "choices": [
+                {"index": i, "text": "".join(t), "logprobs": None, "finish_reason": finish[i] or "stop"}
+                for i, t in enumerate(texts)
+            ],
+            "usage": _usage(st["prompt_tokens"], tokens),
+        })
+
+    # ------------------------------------------------------------------ batching and stats
+    async def _timed(self, body: AsyncIterator[str], received: float, stats: dict, streaming: bool, token_chunk: int):
+        """Forward ``body`` batched in time, then yield the stats dict."""
+        last = None
+        count = 0
+        async for chunk in self._batched(body, streaming):
+            now = time.perf_counter()
+            count += 1
+            if count == token_chunk:  # the first chunk carrying tokens (a chat stream opens with the role)
+                stats["ttft_s"] = now - received
+            elif count > token_chunk:
+                stats["itl_s"].append(now - last)
+            last = now
+            yield chunk
+        yield stats
+
+    async def _batched(self, body: AsyncIterator[str], streaming: bool) -> AsyncIterator[str]:
+        interval = self.stream_interval_s
+        if not streaming or interval <= 0:
+            try:
+                async for chunk in body:
+                    yield chunk
+            except HomefireError:
+                raise
+            except Exception as err:
+                if not streaming:
+                    raise EngineError(f"generation failed: {err}") from err
+                yield _sse({"error": {"message": f"generation failed: {err}", "type": "internal_error",
+                                      "param": None, "code": None}}) + _DONE
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        async def pump():
+            try:
+                async for chunk in body:
+                    queue.put_nowait(chunk)
+                queue.put_nowait(end)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as err:  # handed to the consumer, which reports it in-stream
+                queue.put_nowait(err)
+
+        task = asyncio.create_task(pump())
+        try:
+            first = True
+            while True:
+                item = await queue.get()
+                parts = []
+                while True:
+                    if item is end or isinstance(item, BaseException):
+                        break
+                    parts.append(item)
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
+                if parts:
+                    yield "".join(parts)
+                if item is end:
+                    return
+                if isinstance(item, BaseException):
+                    if first and isinstance(item, HomefireError):
+                        raise item
+                    msg = item.message if isinstance(item, HomefireError) else f"generation failed: {item}"
+                    yield _sse({"error": {"message": msg, "type": "internal_error", "param": None, "code": None}}) + _DONE
+                    return
+                if not first:
+                    await asyncio.sleep(interval)
+                first = False
+        finally:
+            task.cancel()
+
+
+def _stats(prompt_len: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_len, "completion_tokens": 0, "ttft_s": None, "itl_s": []}
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -1,0 +1,80 @@
+"""What is running, what is starting, and what cannot be placed.
+
+``homefire status`` and ``GET /v1/status`` both report this. A replica whose actor waits
+for resources the cluster lacks (say a fifth half-GPU replica on two GPUs) is *pending*,
+with the resources it needs and what the cluster has free, instead of queueing silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _pending_replica_actors(app_name: str) -> dict[str, int]:
+    """Count replica actors still waiting for resources, per deployment."""
+    from ray.util.state import list_actors
+
+    counts: dict[str, int] = {}
+    prefix = f"ServeReplica:{app_name}:"
+    for actor in list_actors(filters=[("state", "=", "PENDING_CREATION")], limit=10_000, raise_on_missing_output=False):
+        cls = actor.class_name or ""
+        if cls.startswith(prefix):
+            dep = cls[len(prefix):]
+            counts[dep] = counts.get(dep, 0) + 1
+    return counts
+
+
+def app_status(app_name: str, deployment_models: dict[str, str] | None = None) -> dict[str, Any]:
+    """Status of one Serve application, per deployment, with pending replicas called out.
+
+    Args:
+        app_name: the Serve application name.
+        deployment_models: deployment name -> served model name (for friendlier output).
+    """
+    import ray
+    from ray import serve
+
+    status = serve.status()
+    app = status.applications.get(app_name)
+    if app is None:
+        return {"app": app_name, "status": "NOT_RUNNING", "deployments": {}, "message": f"no app named '{app_name}'"}
+    pending = _pending_replica_actors(app_name)
+    deployments = {}
+    for name, dep in app.deployments.items():
+        states = {str(getattr(k, "value", k)): v for k, v in (dep.replica_states or {}).items()}
+        n_pending = pending.get(name, 0)
+        deployments[name] = {
+            "model": (deployment_models or {}).get(name),
+            "status": str(getattr(dep.status, "value", dep.status)),
+            "running": states.get("RUNNING", 0),
+            "starting": max(0, states.get("STARTING", 0) - n_pending),
+            "pending": n_pending,
+            "replica_states": states,
+            "message": dep.message,
+        }
+    return {
+        "app": app_name,
+        "status": str(getattr(app.status, "value", app.status)),
+        "message": app.message,
+        "deployments": deployments,
+        "cluster": {"total": ray.cluster_resources(), "available": ray.available_resources()},
+    }
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """A small table for the terminal."""
+    lines = [f"app {st['app']}: {st['status']}"]
+    if st.get("message"):
+        lines.append(f"  {st['message']}")
+    lines.append(f"  {'deployment':<28} {'model':<16} {'status':<12} {'running':>7} {'starting':>8} {'pending':>7}")
+    for name, d in st.get("deployments", {}).items():
+        lines.append(
+            f"  {name:<28} {d.get('model') or '-':<16} {d['status']:<12} {d['running']:>7} {d['starting']:>8} {d['pending']:>7}"
+        )
+        if d["pending"]:
+            avail = st.get("cluster", {}).get("available", {})
+            lines.append(
+                f"    {d['pending']} replica(s) cannot be placed: the cluster has "
+                f"CPU {avail.get('CPU', 0):g}, GPU {avail.get('GPU', 0):g} free. {d.get('message') or ''}".rstrip()
+            )
+    return "\n".join(lines)
