@@ -40,6 +40,7 @@ class VLLMEngine:
 
     def _engine_args(self):
         from vllm import AsyncEngineArgs
+        from vllm.config import StructuredOutputsConfig
 
         on_gpu = self.cfg.gpus > 0 and cuda_available()
         if self.cfg.gpus > 0 and not on_gpu:
@@ -60,6 +61,8 @@ class VLLMEngine:
             trust_remote_code=self.cfg.trust_remote_code,
             enforce_eager=not on_gpu,  # CUDA graphs pay off on GPU; on CPU eager starts fastest
             disable_log_stats=True,
+            # Compact JSON under response_format: a weak model cannot then loop on whitespace until max_tokens.
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         )
         kwargs.update(self.cfg.engine_args)
         return AsyncEngineArgs(**kwargs)
@@ -84,9 +87,9 @@ class VLLMEngine:
 
         structured = None
         if s.json_schema is not None:
-            structured = StructuredOutputsParams(json=s.json_schema, disable_any_whitespace=True)
+            structured = StructuredOutputsParams(json=s.json_schema)
         elif s.json_object:
-            structured = StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+            structured = StructuredOutputsParams(json_object=True)
         return SamplingParams(
             n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
             seed=s.seed, stop=s.stop or None, presence_penalty=s.presence_penalty,
