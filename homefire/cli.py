@@ -102,9 +102,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     args_dict["server"]["api_keys"] = [k.get_secret_value() for k in cfg.server.api_keys]
     print(f"deploying {', '.join(m.name for m in cfg.models)} (engines take ~30-60 s each on CPU) ...", flush=True)
     t0 = time.time()
-    serve.run(build_app(args_dict), name=constants.SERVE_APP_NAME, route_prefix="/", blocking=False)
+    serve._run(build_app(args_dict), _blocking=False, name=constants.SERVE_APP_NAME, route_prefix="/")
+    if not _wait_until_running(constants.SERVE_APP_NAME, constants.SERVE_START_TIMEOUT_S):
+        serve.shutdown()
+        return 1
     print(f"ready in {time.time() - t0:.0f}s: http://{host}:{port}/v1  (models: {', '.join(m.name for m in cfg.models)})")
-    print(f"  try: curl http://{host}:{port}/v1/models", flush=True)
+    print(f"  try: curl http://{host}:{port}/v1/models    status: homefire status", flush=True)
     if args.detach:
         return 0
     stop = []
@@ -119,6 +122,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wait_until_running(app: str, timeout_s: float) -> bool:
+    """Poll the app until it runs; print progress lines; False on failure or timeout (bounded wait)."""
+    from homefire.serve.status import app_status, format_status
+
+    deadline = time.time() + timeout_s
+    last = None
+    while time.time() < deadline:
+        st = app_status(app)
+        if st["status"] == "RUNNING":
+            return True
+        if st["status"] == "DEPLOY_FAILED":
+            print(format_status(st), file=sys.stderr)
+            return False
+        line = ", ".join(
+            f"{d.get('model') or n}: {d['running']} running/{d['starting']} starting/{d['pending']} pending"
+            for n, d in st["deployments"].items()
+        )
+        if line != last:
+            print(f"  [{time.time() - deadline + timeout_s:5.0f}s] {line or st['status']}", flush=True)
+            last = line
+        time.sleep(2)
+    print(f"the app did not start within {timeout_s:.0f}s (HOMEFIRE_SERVE_START_TIMEOUT_S):", file=sys.stderr)
+    print(format_status(app_status(app)), file=sys.stderr)
+    return False
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import ray
 
@@ -126,9 +155,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     ray.init(address=args.address, logging_level="ERROR")
     st = app_status(args.app)
-    for name, d in st["deployments"].items():
-        if d["model"] is None and name.startswith("model-"):
-            d["model"] = name[len("model-"):].replace("--", "/")
     print(json.dumps(st, indent=2, default=str) if args.json else format_status(st))
     return 0 if st["status"] != "NOT_RUNNING" else 1
 

@@ -61,7 +61,7 @@ class OpenAIServing:
             bad = [t for t in prompt if not 0 <= t < self.vocab_size]
             if bad:
                 raise InvalidRequest(
-                    f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})", param="prompt"
+                    f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})", param="prompt"
                 )
             return list(prompt)
         text = prompt[0] if isinstance(prompt, list) else prompt

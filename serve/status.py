@@ -43,8 +43,11 @@ def app_status(app_name: str, deployment_models: dict[str, str] | None = None) -
     for name, dep in app.deployments.items():
         states = {str(getattr(k, "value", k)): v for k, v in (dep.replica_states or {}).items()}
         n_pending = pending.get(name, 0)
+        model = (deployment_models or {}).get(name)
+        if model is None and deployment_models is None and name.startswith("model-"):
+            model = name[len("model-"):].replace("--", "/")
         deployments[name] = {
-            "model": (deployment_models or {}).get(name),
+            "model": model,
             "status": str(getattr(dep.status, "value", dep.status)),
             "running": states.get("RUNNING", 0),
             "starting": max(0, states.get("STARTING", 0) - n_pending),

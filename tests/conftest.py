@@ -1,0 +1,24 @@
+"""Shared fixtures: an isolated homefire home, tiny offline models, a local Ray + Serve per module."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Isolate the registry and caches before homefire reads its constants.
+os.environ.setdefault("HOMEFIRE_HOME", tempfile.mkdtemp(prefix="homefire-test-"))
+os.environ.pop("HOMEFIRE_API_KEY", None)
+
+import pytest  # noqa: E402
+
+from homefire.registry import Registry  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    """The ~0.8M-param offline Llama (tokenizer with chat template, safetensors), built once per session."""
+    from homefire.models.build import ensure_model
+
+    return ensure_model("demo-tiny", Registry()).path
+
+

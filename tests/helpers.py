@@ -1,0 +1,42 @@
+"""Test helpers: a local Ray + Serve on a free loopback port."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeCluster:
+    """A local Ray with Serve on a free loopback port."""
+
+    def __init__(self, num_cpus: float, num_gpus: float | None = None):
+        import ray
+        from ray import serve
+
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 logging_level="WARNING", log_to_driver=False)
+        self.port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    def deploy(self, args: dict, name: str = "homefire", wait: bool = True):
+        from ray import serve
+
+        from homefire.serve import build_app
+
+        serve._run(build_app(args), _blocking=wait, name=name, route_prefix="/")
+
+    def close(self) -> None:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
