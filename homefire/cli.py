@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -92,6 +93,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    # Ctrl-C / SIGTERM at any point (even while deploying) ends in an orderly shutdown, never a traceback.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     print(f"homefire {__version__}: starting Ray ...", flush=True)
     if args.address:
         ray.init(address=args.address)
@@ -103,32 +108,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"deploying {', '.join(m.name for m in cfg.models)} (engines take ~30-60 s each on CPU) ...", flush=True)
     t0 = time.time()
     serve._run(build_app(args_dict), _blocking=False, name=constants.SERVE_APP_NAME, route_prefix="/")
-    if not _wait_until_running(constants.SERVE_APP_NAME, constants.SERVE_START_TIMEOUT_S):
-        serve.shutdown()
-        return 1
+    if not _wait_until_running(constants.SERVE_APP_NAME, constants.SERVE_START_TIMEOUT_S, stop):
+        _shutdown(args.address is not None)
+        return 0 if stop.is_set() else 1
     print(f"ready in {time.time() - t0:.0f}s: http://{host}:{port}/v1  (models: {', '.join(m.name for m in cfg.models)})")
     print(f"  try: curl http://{host}:{port}/v1/models    status: homefire status", flush=True)
     if args.detach:
         return 0
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    try:
-        while not stop:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
-    print("shutting down ...", flush=True)
-    serve.shutdown()
+    stop.wait()
+    _shutdown(args.address is not None)
     return 0
 
 
-def _wait_until_running(app: str, timeout_s: float) -> bool:
+def _shutdown(remote: bool) -> None:
+    """Delete the app (on a cluster) or stop Serve and the local Ray this command started."""
+    import ray
+    from ray import serve
+
+    print("shutting down ...", flush=True)
+    try:
+        if remote:
+            serve.delete(constants.SERVE_APP_NAME)
+        else:
+            serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def _wait_until_running(app: str, timeout_s: float, stop: threading.Event) -> bool:
     """Poll the app until it runs; print progress lines; False on failure or timeout (bounded wait)."""
     from homefire.serve.status import app_status, format_status
 
     deadline = time.time() + timeout_s
     last = None
-    while time.time() < deadline:
+    while time.time() < deadline and not stop.is_set():
         st = app_status(app)
         if st["status"] == "RUNNING":
             return True
@@ -142,7 +155,9 @@ def _wait_until_running(app: str, timeout_s: float) -> bool:
         if line != last:
             print(f"  [{time.time() - deadline + timeout_s:5.0f}s] {line or st['status']}", flush=True)
             last = line
-        time.sleep(2)
+        stop.wait(2)
+    if stop.is_set():
+        return False
     print(f"the app did not start within {timeout_s:.0f}s (HOMEFIRE_SERVE_START_TIMEOUT_S):", file=sys.stderr)
     print(format_status(app_status(app)), file=sys.stderr)
     return False

@@ -100,6 +100,20 @@ def parse_request(body: bytes, model_cls: type) -> Any:
         raise InvalidRequest("; ".join(msgs), param=param) from None
 
 
+async def _first_item(gen, timeout_s: float):
+    """The first item of a response stream, waiting at most ``timeout_s``.
+
+    Not ``asyncio.wait_for``: on timeout it waits for the cancelled call to unwind, and a
+    request still queued for a replica that never starts may not unwind promptly.
+    """
+    task = asyncio.ensure_future(gen.__anext__())
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        task.cancel()
+        raise asyncio.TimeoutError
+    return task.result()
+
+
 @serve.ingress(app)
 class Ingress:
     """Routes each request to the deployment of the model it names."""
@@ -162,7 +176,7 @@ class Ingress:
         self._ongoing[base] = self._ongoing.get(base, 0) + 1
         self.metrics.ongoing.labels(base).set(self._ongoing[base])
         try:
-            first = await asyncio.wait_for(gen.__anext__(), first_wait)
+            first = await _first_item(gen, first_wait)
         except BaseException as err:
             gen.cancel()
             self._done(base, route, started)

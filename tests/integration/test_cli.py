@@ -1,0 +1,112 @@
+"""The commands a user types: `homefire serve` (default and a config), Ray's `serve run`, and bad configs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from tests.helpers import free_port
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _start(cmd: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=kw.pop("cwd", ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def _wait_ready(proc: subprocess.Popen, base_url: str, models: set[str], key: str | None = None, timeout_s: float = 420):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{proc.stdout.read()[-5000:]}")
+        try:
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            r = httpx.get(base_url + "/v1/models", headers=headers, timeout=5)
+            if r.status_code == 200 and {m["id"] for m in r.json()["data"]} == models:
+                if httpx.get(base_url + "/ready", timeout=5).status_code == 200:
+                    return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise AssertionError(f"server not ready within {timeout_s}s")
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float = 120) -> str:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    out = proc.stdout.read()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+    return out
+
+
+def test_bad_config_is_refused_before_ray_starts_naming_key_and_fix(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("models:\n  - name: demo\n    source: demo\n    replica: 2\n")
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "homefire.cli", "serve", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "models.0.replica: unknown key" in out.stderr and "did you mean 'replicas'" in out.stderr
+    assert time.time() - t0 < 30
+
+
+def test_homefire_serve_with_a_config_then_ctrl_c(tmp_path, tiny_model_path):
+    port = free_port()
+    cfg = tmp_path / "mock.yaml"
+    cfg.write_text(yaml.safe_dump({"models": [
+        {"name": "a", "source": tiny_model_path, "engine": "mock", "cpus": 0.2},
+        {"name": "b", "source": tiny_model_path, "engine": "mock", "cpus": 0.2},
+    ]}))
+    proc = _start([sys.executable, "-m", "homefire.cli", "serve", str(cfg), "--port", str(port)],
+                  env={**os.environ, "HOMEFIRE_API_KEY": "k1,k2"})
+    try:
+        _wait_ready(proc, f"http://127.0.0.1:{port}", {"a", "b"}, key="k1")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k2", max_retries=0)
+        assert {m.id for m in client.models.list().data} == {"a", "b"}
+        assert client.completions.create(model="b", prompt="x", max_tokens=2).usage.completion_tokens == 2
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 401
+    finally:
+        out = _stop(proc)
+    assert proc.returncode == 0, out
+    assert "ready in" in out and "shutting down" in out
+
+
+@pytest.mark.slow
+def test_homefire_serve_without_arguments_serves_the_offline_demo_models_on_vllm():
+    port = free_port()
+    proc = _start([sys.executable, "-m", "homefire.cli", "serve", "--port", str(port)])
+    try:
+        _wait_ready(proc, f"http://127.0.0.1:{port}", {"demo", "demo-tiny"})
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hello"}], max_tokens=8)
+        assert r.usage.completion_tokens == 8 and r.choices[0].message.content
+    finally:
+        out = _stop(proc)
+    assert f"http://127.0.0.1:{port}/v1" in out
+
+
+@pytest.mark.slow
+def test_ray_serve_run_starts_the_same_app_from_the_shipped_config(tmp_path):
+    proc = _start(["serve", "run", str(ROOT / "serve" / "configs" / "default.yaml")], cwd=tmp_path)
+    try:
+        _wait_ready(proc, "http://127.0.0.1:8000", {"demo", "demo-tiny"})
+        client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none", max_retries=0)
+        chunks = list(client.completions.create(model="demo-tiny", prompt="The", max_tokens=5, stream=True))
+        assert sum(len(c.choices) for c in chunks) == 5
+    finally:
+        _stop(proc)

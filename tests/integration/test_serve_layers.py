@@ -1,0 +1,164 @@
+"""The layers above the engine: GPU placement, autoscaling, scale-from-zero, failures.
+
+These run the real Ray and Serve with the mock engine (the only fake, at the engine seam):
+Ray's GPUs are logical, so placement on GPUs is tested by declaring two GPUs on this CPU box.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import ServeCluster
+
+pytestmark = pytest.mark.integration
+
+
+def _mock(name, **kw):
+    engine_args = kw.pop("engine_args", {})
+    return {"name": name, "source": "demo-tiny", "engine": "mock", "cpus": 0.1, "engine_args": engine_args, **kw}
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_path):
+    c = ServeCluster(num_cpus=8, num_gpus=2)
+    c.deploy(
+        {
+            "models": [
+                # Five half-GPU replicas on two GPUs: four fit, the fifth must be reported as pending.
+                _mock("half-gpu", gpus=0.5, replicas=5),
+                _mock("auto", autoscaling={
+                    "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2,
+                    "upscale_delay_s": 0, "downscale_delay_s": 3, "metrics_interval_s": 0.5, "look_back_period_s": 1,
+                }, engine_args={"token_delay_s": 0.05}),
+                _mock("zero", autoscaling={"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 600}),
+                _mock("never-ready", autoscaling={"min_replicas": 0, "max_replicas": 1},
+                      engine_args={"start_delay_s": 3600}),
+                _mock("flaky", engine_args={"fail_after_tokens": 3}),
+            ],
+            "server": {"cold_start_timeout_s": 20},
+        },
+        wait=False,
+    )
+    _wait_for(lambda: _running(c).get("auto", 0) >= 1 and _running(c).get("flaky", 0) >= 1 and _running(c).get("half-gpu", 0) >= 4, 300)
+    yield c
+    c.close()
+
+
+def _status(c) -> dict:
+    return httpx.get(c.base_url + "/v1/status", timeout=30).json()
+
+
+def _running(c) -> dict:
+    try:
+        return {d["model"]: d["running"] for d in _status(c)["deployments"].values() if d["model"]}
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError):
+        return {}
+
+
+def _wait_for(pred, timeout_s: float, every_s: float = 0.5):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(every_s)
+    raise AssertionError(f"condition not met within {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=cluster.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_half_gpu_replicas_share_gpus_and_the_fifth_is_pending(cluster):
+    _wait_for(lambda: _status(cluster)["deployments"]["model-half-gpu"]["pending"] == 1, 60)
+    dep = _status(cluster)["deployments"]["model-half-gpu"]
+    assert dep["running"] == 4 and dep["pending"] == 1
+    st = _status(cluster)
+    assert st["cluster"]["total"]["GPU"] == 2 and st["cluster"]["available"].get("GPU", 0) == 0
+
+
+def test_homefire_status_command_reports_the_pending_replica(cluster):
+    out = subprocess.run(
+        [sys.executable, "-m", "homefire.cli", "status"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "model-half-gpu" in out.stdout
+    assert "1 replica(s) cannot be placed" in out.stdout and "GPU 0 free" in out.stdout
+    row = next(line for line in out.stdout.splitlines() if line.strip().startswith("model-half-gpu"))
+    assert row.split()[-3:] == ["4", "0", "1"]
+
+
+def test_placed_half_gpu_replicas_still_serve(client):
+    r = client.completions.create(model="half-gpu", prompt="hi", max_tokens=3)
+    assert r.usage.completion_tokens == 3
+
+
+def test_autoscaling_adds_replicas_under_load_and_removes_them_when_idle(cluster, client):
+    stop = threading.Event()
+    errors: list[Exception] = []
+
+    def load():
+        while not stop.is_set():
+            try:
+                client.completions.create(model="auto", prompt="load", max_tokens=40)
+            except Exception as e:  # collected and asserted below
+                errors.append(e)
+                return
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        _wait_for(lambda: _running(cluster).get("auto", 0) >= 2, 60)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not errors
+    _wait_for(lambda: _running(cluster).get("auto", 0) == 1, 90)
+
+
+def test_scaled_to_zero_model_answers_first_request_after_a_bounded_wait(cluster, client):
+    assert _running(cluster).get("zero", 0) == 0
+    r = client.chat.completions.create(model="zero", messages=[{"role": "user", "content": "wake up"}], max_tokens=2)
+    assert r.usage.completion_tokens == 2
+    assert _running(cluster)["zero"] == 1
+
+
+def test_a_replica_that_never_starts_gives_a_503_after_the_cold_start_timeout(client):
+    t0 = time.time()
+    with pytest.raises(openai.InternalServerError) as e:
+        client.completions.create(model="never-ready", prompt="x", max_tokens=1)
+    assert e.value.status_code == 503
+    assert "no replica ready within 20s" in str(e.value)
+    assert 15 < time.time() - t0 < 60
+
+
+def test_engine_failure_mid_stream_sends_an_error_event_and_done(cluster, client):
+    with httpx.stream("POST", cluster.base_url + "/v1/completions", timeout=60,
+                      json={"model": "flaky", "prompt": "x", "max_tokens": 10, "stream": True}) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert "mock engine failure" in err["message"]
+    texts = [json.loads(e)["choices"][0]["text"] for e in events[:-2]]
+    assert len(texts) == 3
+    # Non-streaming, the same failure is one error response; the service keeps serving afterwards.
+    with pytest.raises(openai.InternalServerError):
+        client.completions.create(model="flaky", prompt="x", max_tokens=10)
+    assert client.completions.create(model="flaky", prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_readiness_ignores_models_scaled_to_zero(cluster):
+    r = httpx.get(cluster.base_url + "/ready", timeout=30)
+    # half-gpu has 4 of 5 replicas running: it is serving, so the API is ready.
+    assert r.status_code == 200, r.text

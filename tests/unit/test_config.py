@@ -1,0 +1,101 @@
+"""Config models: every shipped YAML loads; bad configs are refused naming the key and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from homefire.config import load_config, validate_config
+from homefire.errors import ConfigError
+from homefire.serve.builders import app_config_from_file, load_app_config
+from homefire.serve.config import AppConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = sorted(p for d in ("serve", "train", "tune", "cluster") for p in (ROOT / d).rglob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    assert any(p.parent.name == "configs" and p.parent.parent.name == "serve" for p in SHIPPED)
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if "/serve/" in str(p)], ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_serve_yaml_loads_and_says_how_to_run_it(path):
+    text = path.read_text()
+    assert text.startswith("#"), "a shipped YAML opens with a comment saying what it is"
+    assert "homefire serve" in text.split("\n\n")[0] or "serve run" in text.split("\n\n")[0]
+    cfg = app_config_from_file(path)
+    assert cfg.models
+
+
+def test_embedded_default_serves_two_models_on_vllm():
+    cfg = load_app_config(None)
+    assert len(cfg.models) >= 2 and all(m.engine == "vllm" for m in cfg.models)
+    assert cfg.server.host == "127.0.0.1"
+
+
+def _err(data) -> str:
+    with pytest.raises(ConfigError) as e:
+        validate_config(AppConfig, data, "test.yaml")
+    return str(e.value)
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    msg = _err({"models": [{"name": "a", "source": "demo", "gpu": 1}]})
+    assert "models.0.gpu: unknown key" in msg and "did you mean 'gpus'" in msg
+
+
+def test_bad_value_names_key_value_and_fix():
+    msg = _err({"models": [{"name": "a", "source": "demo", "gpus": -1}]})
+    assert "models.0.gpus" in msg and "-1" in msg and "Fix" in msg
+
+
+def test_missing_models_is_named():
+    assert "models: required key is missing" in _err({"server": {}})
+
+
+def test_fractional_gpus_above_one_are_refused():
+    assert "whole number" in _err({"models": [{"name": "a", "source": "demo", "gpus": 1.5}]})
+
+
+def test_autoscaling_bounds_are_checked():
+    msg = _err({"models": [{"name": "a", "source": "demo", "autoscaling": {"min_replicas": 3, "max_replicas": 2}}]})
+    assert "min_replicas (3) is above max_replicas (2)" in msg
+
+
+def test_replicas_and_autoscaling_are_exclusive():
+    msg = _err({"models": [{"name": "a", "source": "d", "replicas": 2, "autoscaling": {"max_replicas": 3}}]})
+    assert "not both" in msg
+
+
+def test_duplicate_model_names_are_refused():
+    assert "served twice" in _err({"models": [{"name": "a", "source": "d"}, {"name": "a", "source": "e"}]})
+
+
+def test_trust_remote_code_is_off_by_default_and_not_smuggled_through_engine_args():
+    cfg = validate_config(AppConfig, {"models": [{"name": "a", "source": "d"}]})
+    assert cfg.models[0].trust_remote_code is False
+    assert "trust_remote_code" in _err({"models": [{"name": "a", "source": "d", "engine_args": {"trust_remote_code": True}}]})
+
+
+def test_half_gpu_sets_the_engine_memory_share():
+    cfg = validate_config(AppConfig, {"models": [{"name": "a", "source": "d", "gpus": 0.5}, {"name": "b", "source": "d"}]})
+    assert cfg.models[0].memory_share() == 0.45
+    assert cfg.models[1].memory_share() == 0.3
+
+
+def test_yaml_syntax_errors_give_line_and_column(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("models:\n  - name: a\n   source: [\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(AppConfig, p)
+    assert "not valid YAML at line" in str(e.value)
+
+
+def test_serve_config_with_two_homefire_apps_is_refused(tmp_path):
+    p = tmp_path / "two.yaml"
+    app = {"import_path": "homefire.serve:build_app", "args": {"models": [{"name": "a", "source": "d"}]}}
+    p.write_text(yaml.safe_dump({"applications": [app, app]}))
+    with pytest.raises(ConfigError, match="exactly one application"):
+        app_config_from_file(p)
