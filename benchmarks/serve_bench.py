@@ -402,22 +402,24 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     panels = [("output_throughput", "output tok/s", False), ("p50_ttft_ms", "p50 TTFT (ms)", True),
               ("p50_tpot_ms", "p50 TPOT (ms)", True), ("request_goodput", "goodput (req/s)", False)]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    colors = {name: f"C{i}" for i, name in enumerate(SERVERS)}  # the same colour per server in every plot
     concurrencies = summary["workload"]["concurrency"]
     for ax, (key, title, logy) in zip(axes.flat, panels):
         for name, s in summary["servers"].items():
             pts = [(int(c), r[key]) for c, r in s.get("results", {}).items() if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*sorted(pts)), marker="o", label=name)
+                ax.plot(*zip(*sorted(pts)), marker="o", label=name, color=colors.get(name))
         ax.set_xscale("log", base=2)
         ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
         ax.minorticks_off()
         if logy:
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # labels even within one decade
             ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
             ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(title)

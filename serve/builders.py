@@ -79,12 +79,14 @@ def build_app(args: dict[str, Any] | None = None):
 
     cfg = load_app_config(args)
     registry = Registry(cfg.registry) if cfg.registry else Registry()
-    handles, deployments = {}, {}
+    handles, deployments, optional = {}, {}, []
     for m in cfg.models:
         path = resolve_model_path(m, registry)
         dep = serve.deployment(ModelServer).options(**_model_options(m))
         handles[m.name] = dep.bind(m.model_dump(mode="json"), path, STREAM_INTERVAL_S)
         deployments[deployment_name(m)] = m.name
+        if m.autoscaling is not None and m.autoscaling.min_replicas == 0:
+            optional.append(m.name)  # scaled to zero by design: readiness does not wait for it
     server = cfg.server.model_dump(mode="json")
     # Keys live in the environment of whoever builds the app; hand them to the ingress without writing them to disk.
     server["api_keys"] = [k.get_secret_value() for k in cfg.server.api_keys]
@@ -96,7 +98,7 @@ def build_app(args: dict[str, Any] | None = None):
         ray_actor_options={"num_cpus": cfg.server.ingress_cpus},
         max_ongoing_requests=10_000,
     )
-    return ingress.bind(server, handles, deployments, int(time.time()))
+    return ingress.bind(server, handles, deployments, int(time.time()), optional)
 
 
 def load_app_config(args: dict[str, Any] | None) -> AppConfig:

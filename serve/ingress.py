@@ -100,8 +100,14 @@ def parse_request(body: bytes, model_cls: type) -> Any:
         raise InvalidRequest("; ".join(msgs), param=param) from None
 
 
-async def _first_item(gen, timeout_s: float):
-    """The first item of a response stream, waiting at most ``timeout_s``.
+class _Timeout(Exception):
+    def __init__(self, stage: str, timeout_s: float):
+        super().__init__(stage, timeout_s)
+        self.stage, self.timeout_s = stage, timeout_s
+
+
+async def _first_item(gen, timeout_s: float, stage: str):
+    """The next item of a response stream, waiting at most ``timeout_s``.
 
     Not ``asyncio.wait_for``: on timeout it waits for the cancelled call to unwind, and a
     request still queued for a replica that never starts may not unwind promptly.
@@ -110,7 +116,7 @@ async def _first_item(gen, timeout_s: float):
     done, _ = await asyncio.wait({task}, timeout=timeout_s)
     if not done:
         task.cancel()
-        raise asyncio.TimeoutError
+        raise _Timeout(stage, timeout_s)
     return task.result()
 
 
@@ -118,11 +124,15 @@ async def _first_item(gen, timeout_s: float):
 class Ingress:
     """Routes each request to the deployment of the model it names."""
 
-    def __init__(self, server: dict[str, Any], models: dict[str, Any], deployments: dict[str, str], created: int):
+    def __init__(
+        self, server: dict[str, Any], models: dict[str, Any], deployments: dict[str, str], created: int,
+        scale_to_zero: list[str] = (),
+    ):
         self.cfg = ServerConfig.model_validate(server)
         self.handles = models  # served name -> DeploymentHandle
         self.deployments = deployments  # deployment name -> served name
         self.created = created
+        self.scale_to_zero = set(scale_to_zero)
         keys = [k.get_secret_value() for k in self.cfg.api_keys]
         if self.cfg.api_key_env and os.environ.get(self.cfg.api_key_env):
             keys += [k.strip() for k in os.environ[self.cfg.api_key_env].split(",") if k.strip()]
@@ -168,19 +178,21 @@ class Ingress:
         req = parse_request(await self._read_body(request), model_cls)
         if req.n > self.cfg.max_n:
             raise InvalidRequest(f"n={req.n} is above this server's limit of {self.cfg.max_n}", param="n")
-        base, label, adapter = self._route(req.model)
+        base, _, adapter = self._route(req.model)
         started = time.perf_counter()
         handle = self.handles[base].options(stream=True, method_name=method)
         gen = handle.remote(req, adapter)
-        first_wait = self.cfg.cold_start_timeout_s + (0 if req.stream else self.cfg.request_timeout_s)
         self._ongoing[base] = self._ongoing.get(base, 0) + 1
         self.metrics.ongoing.labels(base).set(self._ongoing[base])
         try:
-            first = await _first_item(gen, first_wait)
+            # The replica answers "" once it has the request and the request passed its checks: this wait
+            # covers queueing and scale-from-zero; a bad request surfaces here as its 4xx.
+            await _first_item(gen, self.cfg.cold_start_timeout_s, "cold start")
+            first = await _first_item(gen, self.cfg.request_timeout_s, "first token" if req.stream else "request")
         except BaseException as err:
             gen.cancel()
             self._done(base, route, started)
-            raise self._as_homefire(err, base, first_wait) from None
+            raise self._as_homefire(err, base) from None
         if req.stream:
             return StreamingResponse(self._relay(first, gen, base, route, started), media_type="text/event-stream")
         try:
@@ -191,13 +203,18 @@ class Ingress:
             self._done(base, route, started, 200)
         return Response(first, media_type="application/json")
 
-    def _as_homefire(self, err: BaseException, model: str, waited_s: float) -> HomefireError:
+    def _as_homefire(self, err: BaseException, model: str) -> HomefireError:
         if isinstance(err, HomefireError):
             return err
-        if isinstance(err, asyncio.TimeoutError):
+        if isinstance(err, _Timeout):
+            if err.stage == "cold start":
+                return ServiceUnavailable(
+                    f"model '{model}' had no replica ready within {err.timeout_s:.0f}s (it may be scaling up from "
+                    "zero or short of resources: see GET /v1/status); retry later", code="cold_start_timeout",
+                )
             return ServiceUnavailable(
-                f"model '{model}' had no replica ready within {waited_s:.0f}s (it may be scaling up from zero or "
-                "short of resources: see GET /v1/status); retry later"
+                f"model '{model}' did not answer within {err.timeout_s:.0f}s ({err.stage}); retry later",
+                code="timeout",
             )
         cause = getattr(err, "cause", None)
         if isinstance(cause, HomefireError):
@@ -226,7 +243,7 @@ class Ingress:
             raise
         except BaseException as err:
             status = 500
-            herr = self._as_homefire(err, model, 0)
+            herr = self._as_homefire(err, model)
             self.metrics.errors.labels(model, herr.type).inc()
             yield error_event(herr)
         finally:
@@ -268,13 +285,13 @@ class Ingress:
 
     @app.get("/ready")
     async def ready(self) -> JSONResponse:
-        """Readiness: every model that should have a replica has a running one."""
+        """Readiness: every model that keeps replicas (min_replicas > 0) has a running one."""
         from homefire.serve.status import app_status
 
         st = await asyncio.to_thread(app_status, serve.get_replica_context().app_name, self.deployments)
         not_ready = {
             d["model"]: d["status"] for d in st["deployments"].values()
-            if d["model"] is not None and d["running"] == 0 and d["status"] != "HEALTHY"
+            if d["model"] is not None and d["model"] not in self.scale_to_zero and d["running"] == 0
         }
         body = {"status": "ready" if not not_ready else "not_ready", "not_ready": not_ready}
         return JSONResponse(body, status_code=200 if not not_ready else 503)

@@ -2,7 +2,8 @@
 
 It runs inside the model replica, next to the engine, so that tokens are turned into
 SSE bytes once and travel to the client in as few hops as possible. Output is a stream
-of ``str`` items (SSE text or a JSON body) followed by one ``dict``: the request's stats,
+of ``str`` items (SSE text or a JSON body), opened by ``ACCEPTED`` once the request passed its checks and
+closed by one ``dict``: the request's stats,
 which the ingress records as metrics and never forwards.
 
 Streaming chunks are batched in time: the first chunk leaves at once (TTFT is untouched),
@@ -24,6 +25,8 @@ from homefire.serve.engines.protocol import Delta, Engine, SamplingSpec
 from homefire.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 _DONE = "data: [DONE]\n\n"
+#: First item of every response: the request passed its checks and reached the engine.
+ACCEPTED = ""
 _dumps = json.dumps
 
 
@@ -101,6 +104,7 @@ class OpenAIServing:
         ids = self.render_chat(req)
         spec = self.sampling(req, len(ids), "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
+        yield ACCEPTED
         stream = self.engine.generate(rid, ids, spec, adapter)
         st = _stats(len(ids))
         body = self._chat_stream(req, rid, stream, st) if req.stream else self._chat_full(req, rid, stream, st)
@@ -112,6 +116,7 @@ class OpenAIServing:
         ids = self.render_prompt(req)
         spec = self.sampling(req, len(ids), "prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"
+        yield ACCEPTED
         stream = self.engine.generate(rid, ids, spec, adapter)
         st = _stats(len(ids))
         body = self._text_stream(req, rid, stream, st) if req.stream else self._text_full(req, rid, stream, st)
@@ -206,16 +211,17 @@ class OpenAIServing:
     async def _batched(self, body: AsyncIterator[str], streaming: bool) -> AsyncIterator[str]:
         interval = self.stream_interval_s
         if not streaming or interval <= 0:
+            sent = False
             try:
                 async for chunk in body:
                     yield chunk
-            except HomefireError:
-                raise
+                    sent = True
             except Exception as err:
-                if not streaming:
+                if not (streaming and sent):
+                    if isinstance(err, HomefireError):
+                        raise
                     raise EngineError(f"generation failed: {err}") from err
-                yield _sse({"error": {"message": f"generation failed: {err}", "type": "internal_error",
-                                      "param": None, "code": None}}) + _DONE
+                yield _error_event(err)
             return
         queue: asyncio.Queue = asyncio.Queue()
         end = object()
@@ -250,14 +256,22 @@ class OpenAIServing:
                 if isinstance(item, BaseException):
                     if first and isinstance(item, HomefireError):
                         raise item
-                    msg = item.message if isinstance(item, HomefireError) else f"generation failed: {item}"
-                    yield _sse({"error": {"message": msg, "type": "internal_error", "param": None, "code": None}}) + _DONE
+                    yield _error_event(item)
                     return
                 if not first:
                     await asyncio.sleep(interval)
                 first = False
         finally:
             task.cancel()
+
+
+def _error_event(err: BaseException) -> str:
+    """A failure after the stream started: one error event, then [DONE] (never a half-closed stream)."""
+    if isinstance(err, HomefireError):
+        body = err.to_openai()
+    else:
+        body = EngineError(f"generation failed: {type(err).__name__}: {err}").to_openai()
+    return _sse(body) + _DONE
 
 
 def _stats(prompt_len: int) -> dict[str, Any]:

