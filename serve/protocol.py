@@ -84,6 +84,10 @@ class _Sampling(_Request):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = Field(None, max_length=256)
+    # vLLM's extensions, accepted the way vLLM's own server accepts them (its benchmark client sends them).
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    min_tokens: int = Field(0, ge=0, le=1_000_000)
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod

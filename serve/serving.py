@@ -93,7 +93,8 @@ class OpenAIServing:
         return SamplingSpec(
             max_tokens=requested, n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
             seed=req.seed, stop=list(req.stop or []), presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
+            frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+            min_tokens=min(req.min_tokens, requested), ignore_eos=req.ignore_eos,
             json_schema=fmt.json_schema.schema_ if fmt is not None and fmt.type == "json_schema" else None,
             json_object=fmt is not None and fmt.type == "json_object",
         )

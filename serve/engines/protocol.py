@@ -37,6 +37,11 @@ class SamplingSpec:
     stop: list[str] = field(default_factory=list)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    #: Generate at least this many tokens before a stop condition may end the text.
+    min_tokens: int = 0
+    #: Keep generating past the end-of-sequence token (benchmarks).
+    ignore_eos: bool = False
     #: A JSON schema the output must follow (structured output), or None.
     json_schema: dict | None = None
     #: Any valid JSON object (``response_format: json_object``).

@@ -93,7 +93,8 @@ class VLLMEngine:
         return SamplingParams(
             n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
             seed=s.seed, stop=s.stop or None, presence_penalty=s.presence_penalty,
-            frequency_penalty=s.frequency_penalty, structured_outputs=structured,
+            frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty,
+            min_tokens=s.min_tokens, ignore_eos=s.ignore_eos, structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA,
         )
 
