@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 from homefire import __version__, constants
 from homefire.errors import ConfigError, HomefireError
@@ -25,9 +25,10 @@ def _flags_from_model(parser: argparse.ArgumentParser, model: type, fields: list
     """Add ``--field`` flags whose help and type come from the config model (defaults stay there)."""
     for name in fields:
         f = model.model_fields[name]
+        choices = getattr(f.annotation, "__args__", None) if getattr(f.annotation, "__origin__", None) is Literal else None
         ann = f.annotation if f.annotation in (int, float, str) else str
         parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name, type=ann, default=None,
+            "--" + name.replace("_", "-"), dest=name, type=ann, default=None, choices=choices,
             help=f"{f.description} (default: {f.default})",
         )
 
@@ -52,7 +53,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "whose application runs homefire.serve:build_app. Blocks until Ctrl-C.",
     )
     s.add_argument("config", nargs="?", help="serve YAML (default: the embedded demo config)")
-    _flags_from_model(s, ServerConfig, ["host", "port"])
+    _flags_from_model(s, ServerConfig, ["host", "port", "proxy"])
     s.add_argument("--address", help="Ray cluster to deploy to (e.g. 'auto'); default: start a local Ray")
     s.add_argument("--num-cpus", type=float, help="logical CPUs for a local Ray (default: enough for the config)")
     s.add_argument("--num-gpus", type=float, help="logical GPUs for a local Ray (default: detected)")
@@ -97,10 +98,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    proxy = args.proxy or cfg.server.proxy
     print(f"homefire {__version__}: starting Ray ...", flush=True)
     if args.address:
+        if args.proxy:
+            print("note: --proxy only applies when homefire starts Ray; a running cluster keeps its own", flush=True)
         ray.init(address=args.address)
     else:
+        if proxy == "haproxy":
+            # Read by every Serve process at import: set before Ray starts so they all inherit it.
+            os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+            os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
         ray.init(num_cpus=args.num_cpus or _local_cpus(cfg), num_gpus=args.num_gpus, dashboard_host="127.0.0.1")
     serve.start(http_options={"host": host, "port": port})
     args_dict = cfg.model_dump(mode="json")

@@ -110,3 +110,51 @@ def test_ray_serve_run_starts_the_same_app_from_the_shipped_config(tmp_path):
         assert sum(len(c.choices) for c in chunks) == 5
     finally:
         _stop(proc)
+
+
+def test_serve_deploy_and_homefire_serve_address_on_a_running_cluster(tmp_path, tiny_model_path):
+    """A started cluster (token auth on, dashboard on loopback): Ray's `serve deploy`, then `homefire serve --address`."""
+    gcs_port, dash_port, api_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    subprocess.run(
+        ["ray", "start", "--head", f"--port={gcs_port}", "--num-cpus=4", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash_port}", "--include-dashboard=true", "--disable-usage-stats"],
+        check=True, capture_output=True, env=env, timeout=180,
+    )
+    address = f"127.0.0.1:{gcs_port}"
+    try:
+        cfg = tmp_path / "deploy.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "http_options": {"host": "127.0.0.1", "port": api_port},
+            "applications": [{
+                "name": "homefire", "route_prefix": "/", "import_path": "homefire.serve:build_app",
+                "args": {"models": [{"name": "deployed", "source": tiny_model_path, "engine": "mock", "cpus": 0.2}]},
+            }],
+        }))
+        out = subprocess.run(["serve", "deploy", str(cfg), "--address", f"http://127.0.0.1:{dash_port}"],
+                             capture_output=True, text=True, env=env, timeout=180)
+        assert out.returncode == 0, out.stdout + out.stderr
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{api_port}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{api_port}/v1", api_key="none", max_retries=0)
+        assert client.completions.create(model="deployed", prompt="x", max_tokens=3).usage.completion_tokens == 3
+
+        # Without the cluster's token, a client is refused.
+        denied = subprocess.run(
+            [sys.executable, "-c", f"import ray; ray.init(address='{address}')"], capture_output=True, text=True,
+            env={**env, "RAY_AUTH_TOKEN": "not-the-token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "none")}, timeout=120,
+        )
+        assert denied.returncode != 0
+        assert "auth" in (denied.stdout + denied.stderr).lower()
+
+        status = subprocess.run([sys.executable, "-m", "homefire.cli", "status", "--address", address],
+                                capture_output=True, text=True, env=env, timeout=120)
+        assert status.returncode == 0 and "model-deployed" in status.stdout, status.stderr
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
