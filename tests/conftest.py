@@ -22,3 +22,22 @@ def tiny_model_path() -> str:
     return ensure_model("demo-tiny", Registry()).path
 
 
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where CUDA is; elsewhere they are skipped with the reason."""
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (CPU box); run on a GPU machine with homefire[gpu]")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
