@@ -116,6 +116,8 @@ def test_serve_deploy_and_homefire_serve_address_on_a_running_cluster(tmp_path, 
     """A started cluster (token auth on, dashboard on loopback): Ray's `serve deploy`, then `homefire serve --address`."""
     gcs_port, dash_port, api_port = free_port(), free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # The cluster's token: made once per user (~/.ray/auth_token) unless one exists.
+    subprocess.run(["ray", "get-auth-token", "--generate"], check=True, capture_output=True, timeout=60)
     subprocess.run(
         ["ray", "start", "--head", f"--port={gcs_port}", "--num-cpus=4", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash_port}", "--include-dashboard=true", "--disable-usage-stats"],
