@@ -42,7 +42,11 @@ from homefire.serve.protocol import ChatCompletionRequest, CompletionRequest
 logger = logging.getLogger(__name__)
 
 app = FastAPI(title="homefire", description="OpenAI-compatible API for models served by homefire.")
-_PUBLIC = {"/health", "/ready"}
+# Managed-endpoint container contracts (SageMaker, Vertex AI, Azure ML). Vertex names its routes in the
+# environment of the container; read at import, in the replica that serves them.
+VERTEX_HEALTH_ROUTE = os.environ.get("AIP_HEALTH_ROUTE", "/vertex/health")
+VERTEX_PREDICT_ROUTE = os.environ.get("AIP_PREDICT_ROUTE", "/vertex/predict")
+_PUBLIC = {"/health", "/ready", "/ping", VERTEX_HEALTH_ROUTE}
 
 
 def error_response(err: HomefireError) -> JSONResponse:
@@ -176,6 +180,9 @@ class Ingress:
     async def _generate(self, request: Request, model_cls: type, method: str, route: str) -> Response:
         self._authorize(request)
         req = parse_request(await self._read_body(request), model_cls)
+        return await self._dispatch(req, method, route)
+
+    async def _dispatch(self, req: Any, method: str, route: str) -> Response:
         if req.n > self.cfg.max_n:
             raise InvalidRequest(f"n={req.n} is above this server's limit of {self.cfg.max_n}", param="n")
         base, _, adapter = self._route(req.model)
@@ -286,15 +293,9 @@ class Ingress:
     @app.get("/ready")
     async def ready(self) -> JSONResponse:
         """Readiness: every model that keeps replicas (min_replicas > 0) has a running one."""
-        from homefire.serve.status import app_status
-
-        st = await asyncio.to_thread(app_status, serve.get_replica_context().app_name, self.deployments)
-        not_ready = {
-            d["model"]: d["status"] for d in st["deployments"].values()
-            if d["model"] is not None and d["model"] not in self.scale_to_zero and d["running"] == 0
-        }
-        body = {"status": "ready" if not not_ready else "not_ready", "not_ready": not_ready}
-        return JSONResponse(body, status_code=200 if not not_ready else 503)
+        ok, not_ready = await self._readiness()
+        body = {"status": "ready" if ok else "not_ready", "not_ready": not_ready}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/v1/status")
     async def status(self, request: Request) -> dict:
@@ -307,3 +308,83 @@ class Ingress:
     async def metrics(self, request: Request) -> Response:
         self._authorize(request)
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    # ------------------------------------------------------------------ managed-endpoint containers
+    async def _readiness(self) -> tuple[bool, dict]:
+        from homefire.serve.status import app_status
+
+        st = await asyncio.to_thread(app_status, serve.get_replica_context().app_name, self.deployments)
+        not_ready = {
+            d["model"]: d["status"] for d in st["deployments"].values()
+            if d["model"] is not None and d["model"] not in self.scale_to_zero and d["running"] == 0
+        }
+        return not not_ready, not_ready
+
+    async def _invoke(self, request: Request, route: str) -> Response:
+        """One OpenAI request in the body: chat if it has `messages`, else a text completion."""
+        self._authorize(request)
+        body = await self._read_body(request)
+        try:
+            is_chat = b'"messages"' in body and "messages" in json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+            is_chat = False  # parse_request reports the JSON error
+        if is_chat:
+            return await self._dispatch(parse_request(body, ChatCompletionRequest), "chat", route)
+        return await self._dispatch(parse_request(body, CompletionRequest), "completion", route)
+
+    @app.get("/ping")
+    async def sagemaker_ping(self) -> JSONResponse:
+        """SageMaker health check: 200 once every model that keeps replicas has one running."""
+        ok, not_ready = await self._readiness()
+        return JSONResponse({"status": "ok" if ok else "not_ready", "not_ready": not_ready}, status_code=200 if ok else 503)
+
+    @app.post("/invocations")
+    async def sagemaker_invocations(self, request: Request) -> Response:
+        """SageMaker inference: the body is an OpenAI chat or completion request (streaming allowed)."""
+        try:
+            return await self._invoke(request, "invocations")
+        except HomefireError as err:
+            return error_response(err)
+
+    @app.post("/score")
+    async def azureml_score(self, request: Request) -> Response:
+        """Azure ML online endpoint scoring route (set scoring_route to /score, liveness/readiness to /ping)."""
+        try:
+            return await self._invoke(request, "score")
+        except HomefireError as err:
+            return error_response(err)
+
+    @app.get(VERTEX_HEALTH_ROUTE)
+    async def vertex_health(self) -> JSONResponse:
+        """Vertex AI health route (AIP_HEALTH_ROUTE)."""
+        return await self.sagemaker_ping()
+
+    @app.post(VERTEX_PREDICT_ROUTE)
+    async def vertex_predict(self, request: Request) -> JSONResponse:
+        """Vertex AI prediction (AIP_PREDICT_ROUTE): ``{"instances": [request, ...]}`` -> ``{"predictions": [...]}``.
+
+        Each instance is an OpenAI chat or completion request, answered without streaming.
+        """
+        try:
+            self._authorize(request)
+            data = json.loads(await self._read_body(request))
+            instances = data.get("instances") if isinstance(data, dict) else None
+            if not isinstance(instances, list) or not instances:
+                raise InvalidRequest("body must be {\"instances\": [<OpenAI request>, ...]}", param="instances")
+            predictions = []
+            for i, inst in enumerate(instances):
+                if not isinstance(inst, dict):
+                    raise InvalidRequest(f"instances.{i} must be an object", param=f"instances.{i}")
+                inst = {**inst, "stream": False}
+                cls, method = (ChatCompletionRequest, "chat") if "messages" in inst else (CompletionRequest, "completion")
+                try:
+                    resp = await self._dispatch(parse_request(json.dumps(inst).encode(), cls), method, "vertex")
+                except HomefireError as err:
+                    err.param = f"instances.{i}.{err.param}" if err.param else f"instances.{i}"
+                    raise
+                predictions.append(json.loads(resp.body))
+            return JSONResponse({"predictions": predictions})
+        except json.JSONDecodeError as err:
+            return error_response(InvalidRequest(f"request body is not valid JSON: {err.msg}", param="body"))
+        except HomefireError as err:
+            return error_response(err)

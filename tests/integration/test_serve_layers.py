@@ -165,3 +165,36 @@ def test_readiness_ignores_models_scaled_to_zero(cluster):
     r = httpx.get(cluster.base_url + "/ready", timeout=30)
     # half-gpu has 4 of 5 replicas running: it is serving, so the API is ready.
     assert r.status_code == 200, r.text
+
+
+def test_sagemaker_container_contract(cluster):
+    base = cluster.base_url
+    assert httpx.get(base + "/ping", timeout=30).status_code == 200
+    chat = httpx.post(base + "/invocations", timeout=60, json={
+        "model": "half-gpu", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert chat.status_code == 200 and chat.json()["object"] == "chat.completion"
+    assert chat.json()["usage"]["completion_tokens"] == 3
+    text = httpx.post(base + "/invocations", timeout=60, json={"model": "half-gpu", "prompt": "hi", "max_tokens": 2})
+    assert text.json()["object"] == "text_completion"
+    bad = httpx.post(base + "/invocations", timeout=60, json={"model": "half-gpu", "prompt": "hi", "max_tokens": -1})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+
+
+def test_azureml_score_route(cluster):
+    r = httpx.post(cluster.base_url + "/score", timeout=60, json={"model": "half-gpu", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_vertex_ai_container_contract(cluster):
+    base = cluster.base_url
+    assert httpx.get(base + "/vertex/health", timeout=30).status_code == 200
+    r = httpx.post(base + "/vertex/predict", timeout=60, json={"instances": [
+        {"model": "half-gpu", "prompt": "a", "max_tokens": 2},
+        {"model": "half-gpu", "messages": [{"role": "user", "content": "b"}], "max_tokens": 3},
+    ]})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p["usage"]["completion_tokens"] for p in preds] == [2, 3]
+    bad = httpx.post(base + "/vertex/predict", timeout=60, json={"instances": [{"model": "half-gpu", "prompt": "a", "top_p": 5}]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "instances.0.top_p"
+    assert httpx.post(base + "/vertex/predict", timeout=60, json={"rows": []}).json()["error"]["param"] == "instances"
