@@ -72,6 +72,14 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def _local_cpus(cfg) -> float:
     """Enough logical CPUs for every initial replica plus the ingress, never less than the machine has."""
     need = cfg.server.ingress_cpus * cfg.server.ingress_replicas + 1
@@ -99,18 +107,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     proxy = args.proxy or cfg.server.proxy
+    if proxy == "direct" and cfg.server.ingress_replicas != 1:
+        raise ConfigError("--proxy direct needs server.ingress_replicas: 1. Fix: use --proxy serve")
+    serve_port = port
     print(f"homefire {__version__}: starting Ray ...", flush=True)
     if args.address:
         if args.proxy:
             print("note: --proxy only applies when homefire starts Ray; a running cluster keeps its own", flush=True)
         ray.init(address=args.address)
     else:
-        if proxy == "haproxy":
-            # Read by every Serve process at import: set before Ray starts so they all inherit it.
+        # Read by every Serve process at import: set before Ray starts so they all inherit it.
+        if proxy == "direct":
+            # The ingress replica binds the API port itself; Serve's own proxy moves to a spare loopback port.
+            os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+            os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
+            os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 1)
+            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+            serve_port = _free_port(host)
+        elif proxy == "haproxy":
             os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
             os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
         ray.init(num_cpus=args.num_cpus or _local_cpus(cfg), num_gpus=args.num_gpus, dashboard_host="127.0.0.1")
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": serve_port})
     args_dict = cfg.model_dump(mode="json")
     args_dict["server"]["api_keys"] = [k.get_secret_value() for k in cfg.server.api_keys]
     print(f"deploying {', '.join(m.name for m in cfg.models)} (engines take ~30-60 s each on CPU) ...", flush=True)
