@@ -103,25 +103,26 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, adapter: str | None = None) -> AsyncIterator[str | dict]:
         received = time.perf_counter()
         ids = self.render_chat(req)
-        spec = self.sampling(req, len(ids), "messages")
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        yield ACCEPTED
-        stream = self.engine.generate(rid, ids, spec, adapter)
-        st = _stats(len(ids))
-        body = self._chat_stream(req, rid, stream, st) if req.stream else self._chat_full(req, rid, stream, st)
-        async for item in self._timed(body, received, st, req.stream, 2 if req.stream else 1):
+        shapes = (self._chat_stream, self._chat_full)
+        # A chat stream opens with the role chunk: its first tokens are in the second chunk.
+        async for item in self._respond(req, ids, "messages", "chatcmpl", shapes, adapter, received, 2 if req.stream else 1):
             yield item
 
     async def completion(self, req: CompletionRequest, adapter: str | None = None) -> AsyncIterator[str | dict]:
         received = time.perf_counter()
         ids = self.render_prompt(req)
-        spec = self.sampling(req, len(ids), "prompt")
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        shapes = (self._text_stream, self._text_full)
+        async for item in self._respond(req, ids, "prompt", "cmpl", shapes, adapter, received, 1):
+            yield item
+
+    async def _respond(self, req, ids: list[int], field: str, prefix: str, shapes, adapter, received: float, token_chunk: int):
+        spec = self.sampling(req, len(ids), field)
+        rid = f"{prefix}-{uuid.uuid4().hex}"
         yield ACCEPTED
         stream = self.engine.generate(rid, ids, spec, adapter)
         st = _stats(len(ids))
-        body = self._text_stream(req, rid, stream, st) if req.stream else self._text_full(req, rid, stream, st)
-        async for item in self._timed(body, received, st, req.stream, 1):
+        body = shapes[0](req, rid, stream, st) if req.stream else shapes[1](req, rid, stream, st)
+        async for item in self._timed(body, received, st, req.stream, token_chunk):
             yield item
 
     # ------------------------------------------------------------------ shapes
