@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
-# Isolate the registry and caches before homefire reads its constants.
-os.environ.setdefault("HOMEFIRE_HOME", tempfile.mkdtemp(prefix="homefire-test-"))
+# Isolate the registry and caches before homefire reads its constants; removed when pytest exits.
+if "HOMEFIRE_HOME" not in os.environ:
+    os.environ["HOMEFIRE_HOME"] = tempfile.mkdtemp(prefix="homefire-test-")
+    atexit.register(shutil.rmtree, os.environ["HOMEFIRE_HOME"], True)
 os.environ.pop("HOMEFIRE_API_KEY", None)
 
 import pytest  # noqa: E402
