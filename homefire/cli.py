@@ -157,6 +157,8 @@ def _shutdown(remote: bool) -> None:
             serve.delete(constants.SERVE_APP_NAME)
         else:
             serve.shutdown()
+    except Exception as err:  # Ctrl-C in a terminal also reaches Ray's own processes; they may be gone already
+        print(f"note: Serve did not shut down cleanly ({type(err).__name__}: {err}); stopping Ray", flush=True)
     finally:
         ray.shutdown()
 
