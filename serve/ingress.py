@@ -17,12 +17,12 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -75,8 +75,8 @@ def _param(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if p not in ("function-after", "function-before")) or "body"
 
 
-def parse_request(body: bytes, model_cls: type) -> Any:
-    """JSON bytes -> validated request; InvalidRequest naming the field otherwise."""
+def load_json_object(body: bytes) -> dict:
+    """JSON bytes -> a dict; InvalidRequest naming the body otherwise."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -84,6 +84,16 @@ def parse_request(body: bytes, model_cls: type) -> Any:
         raise InvalidRequest(f"request body is not valid JSON{where}: {getattr(err, 'msg', err)}", param="body") from None
     if not isinstance(data, dict):
         raise InvalidRequest(f"request body must be a JSON object, got {type(data).__name__}", param="body")
+    return data
+
+
+def parse_request(body: bytes, model_cls: type) -> Any:
+    """JSON bytes -> validated request; InvalidRequest naming the field otherwise."""
+    return validate_request(load_json_object(body), model_cls)
+
+
+def validate_request(data: dict, model_cls: type) -> Any:
+    """A decoded JSON object -> validated request; InvalidRequest naming the field otherwise."""
     try:
         return model_cls.model_validate(data)
     except ValidationError as err:
@@ -102,6 +112,21 @@ def parse_request(body: bytes, model_cls: type) -> Any:
                 got_s = "" if isinstance(got, (dict, list)) else f" (got {got!r:.60})"
                 msgs.append(f"{p}: {e['msg']}{got_s}")
         raise InvalidRequest("; ".join(msgs), param=param) from None
+
+
+class VertexPredictRequest(BaseModel):
+    """Vertex AI's prediction body; each instance is an OpenAI chat or completion request."""
+
+    model_config = ConfigDict(extra="forbid")
+    instances: list[dict[str, Any]] = Field(min_length=1, max_length=64)
+    parameters: dict[str, Any] | None = None
+
+
+def _as_openai(data: dict) -> tuple[Any, str]:
+    """A decoded request body -> (validated chat or completion request, ModelServer method)."""
+    if "messages" in data:
+        return validate_request(data, ChatCompletionRequest), "chat"
+    return validate_request(data, CompletionRequest), "completion"
 
 
 class _Timeout(Exception):
@@ -229,7 +254,7 @@ class Ingress:
         logger.exception("request to %s failed", model, exc_info=err)
         return EngineError(f"model '{model}' failed to answer: {type(err).__name__}: {err}")
 
-    def _done(self, model: str, route: str, started: float, status: int | None = None, err: HomefireError | None = None):
+    def _done(self, model: str, route: str, started: float, status: int | None = None):
         self._ongoing[model] = max(0, self._ongoing.get(model, 1) - 1)
         self.metrics.ongoing.labels(model).set(self._ongoing[model])
         if status is not None:
@@ -259,15 +284,16 @@ class Ingress:
     # ------------------------------------------------------------------ routes
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
-        return await self._counted(request, ChatCompletionRequest, "chat", "chat")
+        return await self._counted("chat", self._generate(request, ChatCompletionRequest, "chat", "chat"))
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        return await self._counted(request, CompletionRequest, "completion", "completions")
+        return await self._counted("completions", self._generate(request, CompletionRequest, "completion", "completions"))
 
-    async def _counted(self, request: Request, model_cls: type, method: str, route: str) -> Response:
+    async def _counted(self, route: str, call: Awaitable[Response]) -> Response:
+        """Await an inference route; a homefire error becomes its OpenAI error response, counted in the metrics."""
         try:
-            return await self._generate(request, model_cls, method, route)
+            return await call
         except HomefireError as err:
             model = "-"
             self.metrics.requests.labels(model, route, str(err.status)).inc()
@@ -323,14 +349,8 @@ class Ingress:
     async def _invoke(self, request: Request, route: str) -> Response:
         """One OpenAI request in the body: chat if it has `messages`, else a text completion."""
         self._authorize(request)
-        body = await self._read_body(request)
-        try:
-            is_chat = b'"messages"' in body and "messages" in json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
-            is_chat = False  # parse_request reports the JSON error
-        if is_chat:
-            return await self._dispatch(parse_request(body, ChatCompletionRequest), "chat", route)
-        return await self._dispatch(parse_request(body, CompletionRequest), "completion", route)
+        data = load_json_object(await self._read_body(request))
+        return await self._dispatch(*_as_openai(data), route)
 
     @app.get("/ping")
     async def sagemaker_ping(self) -> JSONResponse:
@@ -341,18 +361,12 @@ class Ingress:
     @app.post("/invocations")
     async def sagemaker_invocations(self, request: Request) -> Response:
         """SageMaker inference: the body is an OpenAI chat or completion request (streaming allowed)."""
-        try:
-            return await self._invoke(request, "invocations")
-        except HomefireError as err:
-            return error_response(err)
+        return await self._counted("invocations", self._invoke(request, "invocations"))
 
     @app.post("/score")
     async def azureml_score(self, request: Request) -> Response:
         """Azure ML online endpoint scoring route (set scoring_route to /score, liveness/readiness to /ping)."""
-        try:
-            return await self._invoke(request, "score")
-        except HomefireError as err:
-            return error_response(err)
+        return await self._counted("score", self._invoke(request, "score"))
 
     @app.get(VERTEX_HEALTH_ROUTE)
     async def vertex_health(self) -> JSONResponse:
@@ -365,26 +379,17 @@ class Ingress:
 
         Each instance is an OpenAI chat or completion request, answered without streaming.
         """
-        try:
-            self._authorize(request)
-            data = json.loads(await self._read_body(request))
-            instances = data.get("instances") if isinstance(data, dict) else None
-            if not isinstance(instances, list) or not instances:
-                raise InvalidRequest("body must be {\"instances\": [<OpenAI request>, ...]}", param="instances")
-            predictions = []
-            for i, inst in enumerate(instances):
-                if not isinstance(inst, dict):
-                    raise InvalidRequest(f"instances.{i} must be an object", param=f"instances.{i}")
-                inst = {**inst, "stream": False}
-                cls, method = (ChatCompletionRequest, "chat") if "messages" in inst else (CompletionRequest, "completion")
-                try:
-                    resp = await self._dispatch(parse_request(json.dumps(inst).encode(), cls), method, "vertex")
-                except HomefireError as err:
-                    err.param = f"instances.{i}.{err.param}" if err.param else f"instances.{i}"
-                    raise
-                predictions.append(json.loads(resp.body))
-            return JSONResponse({"predictions": predictions})
-        except json.JSONDecodeError as err:
-            return error_response(InvalidRequest(f"request body is not valid JSON: {err.msg}", param="body"))
-        except HomefireError as err:
-            return error_response(err)
+        return await self._counted("vertex", self._vertex_predict(request))
+
+    async def _vertex_predict(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        body = validate_request(load_json_object(await self._read_body(request)), VertexPredictRequest)
+        predictions = []
+        for i, instance in enumerate(body.instances):
+            try:
+                resp = await self._dispatch(*_as_openai({**instance, "stream": False}), "vertex")
+            except HomefireError as err:
+                err.param = f"instances.{i}.{err.param}" if err.param else f"instances.{i}"
+                raise
+            predictions.append(json.loads(resp.body))
+        return JSONResponse({"predictions": predictions})
