@@ -137,7 +137,7 @@ def build_servers(names: list[str], model_path: str, workdir: Path, homefire_env
             cfg.write_text(
                 "# serve_bench.py: the demo model on homefire's vLLM engine with its CPU defaults\n"
                 f"models:\n  - name: {SERVED_NAME}\n    source: {model_path}\n    engine: vllm\n"
-                "    cpus: 1\n    max_model_len: 1024\n"
+                "    cpus: 1\n    max_model_len: 1024\n    max_loras: 0\n"
             )
             cmd = [sys.executable, "-m", "homefire.cli", "serve", str(cfg), "--port", str(port)]
             servers.append(Server(name, cmd, dict(homefire_env), ["/ready", "/v1/models"], port))

@@ -2,7 +2,9 @@
 
     homefire serve [CONFIG]      serve models behind an OpenAI-compatible API (default: the offline demo)
     homefire status              replicas running / starting / pending per model
-    homefire models build|list   build the offline demo models; list the registry
+    homefire train CONFIG        fine-tune (LoRA or full) on Ray Train; --serve hands the adapter to a running server
+    homefire models build|build-demo|list|load
+                                 build / pretrain the offline demo models; list the registry; load an adapter
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Run your own LLMs on your own hardware, on Ray: serve, train, tune.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  homefire serve                         # offline demo models on http://127.0.0.1:8000\n"
-        "  homefire serve serve/configs/gpu-fractional.yaml --host 0.0.0.0\n  homefire status",
+        "  homefire serve serve/configs/gpu-fractional.yaml --host 0.0.0.0\n  homefire status\n"
+        "  homefire train train/configs/demo-lora.yaml --serve   # fine-tune, then serve as demo-tiny:homefire-answer\n"
+        "  homefire models build-demo                    # pretrain the demo models so they answer in English",
     )
     p.add_argument("--version", action="version", version=f"homefire {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -64,11 +68,44 @@ def _build_parser() -> argparse.ArgumentParser:
     st.add_argument("--app", default=constants.SERVE_APP_NAME, help="Serve application name")
     st.add_argument("--json", action="store_true", help="print JSON")
 
-    m = sub.add_parser("models", help="build the offline demo models; list the registry")
+    t = sub.add_parser(
+        "train", help="fine-tune a model (LoRA or full) on Ray Train",
+        description="Run a training config on Ray Train: checks the config and data first (a bad row is named by "
+        "file and line), trains on the config's workers with checkpoints, evaluates before and after, writes "
+        "report.json and loss_curve.png to the run directory, and registers the adapter with its lineage.",
+        epilog="examples:\n  homefire train train/configs/demo-lora.yaml\n"
+        "  homefire train train/configs/demo-lora.yaml --serve --url http://127.0.0.1:8000\n"
+        "  homefire train train/configs/demo-lora.yaml --resume homefire-answer-20261128-120000-ab12\n"
+        "  homefire train cfg.yaml --set scaling.workers=4 --set optim.lr=1e-4 --address auto",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("config", help="training YAML (see train/configs/)")
+    t.add_argument("--address", help="Ray cluster to run on (e.g. 'auto'); default: start a local Ray")
+    t.add_argument("--resume", metavar="RUN", help="continue RUN (a run id or run directory) from its last checkpoint")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=1e-4 (YAML value syntax)")
+    t.add_argument("--serve", action="store_true", help="load the trained adapter into the running server at --url")
+    t.add_argument("--url", default=f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_PORT}",
+                   help="a running homefire server (for --serve)")
+    t.add_argument("--api-key", default=os.environ.get(constants.API_KEY_ENV), help="the server's API key (for --serve; default $HOMEFIRE_API_KEY)")
+
+    m = sub.add_parser("models", help="build / pretrain the offline demo models; list the registry; load an adapter")
     msub = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    b = msub.add_parser("build", help="build offline models (default: all demo models), cached by recipe")
+    b = msub.add_parser("build", help="build offline models (default: all demo models, random init), cached by recipe")
     b.add_argument("names", nargs="*", help="demo model names (default: all)")
+    bd = msub.add_parser(
+        "build-demo", help="pretrain the demo models on the English text that ships with Python (minutes; cached)",
+        description="Full-parameter pretraining of the offline demo models on pydoc's topic help (~750 KB of "
+        "English), through the same Ray Train pipeline as `homefire train`. Registered as a new version of each "
+        "model (e.g. demo@2), which `homefire serve` then serves; cached by recipe.",
+    )
+    bd.add_argument("names", nargs="*", help="demo model names (default: all)")
+    bd.add_argument("--address", help="Ray cluster to run on; default: a local Ray")
     msub.add_parser("list", help="list registry entries")
+    ld = msub.add_parser("load", help="make a running server serve a registered adapter (BASE:ADAPTER)")
+    ld.add_argument("ref", help="BASE:ADAPTER, e.g. demo-tiny:homefire-answer")
+    ld.add_argument("--url", default=f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_PORT}", help="the server")
+    ld.add_argument("--api-key", default=os.environ.get(constants.API_KEY_ENV), help="API key (default $HOMEFIRE_API_KEY)")
     return p
 
 
@@ -202,6 +239,68 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if st["status"] != "NOT_RUNNING" else 1
 
 
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=1e-4")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e-4 as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key.strip()] = parsed
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from homefire.train import load_train_config, run_training
+
+    cfg = load_train_config(args.config, _parse_overrides(args.set))  # a bad config fails before Ray starts
+    report = run_training(cfg, address=args.address, resume=args.resume)
+    print("\nrun summary:\n" + report.summary(), flush=True)
+    print(f"report: {report.run_dir}/report.json   loss curve: {report.run_dir}/loss_curve.png")
+    if report.status != "finished":
+        return 1
+    if args.serve:
+        if cfg.method != "lora" or cfg.output.merge or not report.entry:
+            raise ConfigError("--serve loads LoRA adapters into a running server; this run made a full model. "
+                              f"Fix: serve it with a config whose source is {report.entry}")
+        _load_adapter(args.url, report.entry, args.api_key)
+    elif report.entry and ":" in report.entry:
+        print(f"serve it: homefire models load {report.entry}   (or send model=\"{report.entry}\" to a running server)")
+    return 0
+
+
+def _load_adapter(url: str, ref: str, api_key: str | None) -> None:
+    """POST /v1/load_lora_adapter on a running homefire server; bounded wait."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(
+        url.rstrip("/") + "/v1/load_lora_adapter", data=json.dumps({"lora_name": ref}).encode(), method="POST",
+        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=constants.ADAPTER_LOAD_TIMEOUT_S + 30) as resp:
+            body = json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode(errors="replace")
+        try:
+            detail = json.loads(detail)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise ConfigError(f"the server at {url} refused to load {ref}: HTTP {err.code}: {detail}") from None
+    except OSError as err:
+        raise ConfigError(f"no homefire server answered at {url} ({err}). Fix: start one with `homefire serve`, "
+                          "or pass --url") from None
+    print(f"serving {body.get('model', ref)} at {url}/v1 (model=\"{ref}\")", flush=True)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from homefire.registry import Registry
 
@@ -211,7 +310,23 @@ def cmd_models(args: argparse.Namespace) -> int:
         if not entries:
             print(f"registry {reg.root} is empty; run `homefire models build`")
         for e in entries:
-            print(f"{e.ref:<24} {e.kind:<10} {e.path}")
+            parent = f"from {e.parent}" if e.parent else ""
+            print(f"{e.ref:<28} {e.kind:<9} {parent:<22} {e.path}")
+        return 0
+    if args.models_command == "load":
+        if ":" not in args.ref:
+            raise ConfigError(f"'{args.ref}' names no adapter. Fix: use BASE:ADAPTER, e.g. demo-tiny:homefire-answer")
+        _load_adapter(args.url, args.ref, args.api_key)
+        return 0
+    if args.models_command == "build-demo":
+        from homefire.models.pretrain import DEMO_PRETRAIN, ensure_pretrained
+
+        for name in args.names or list(DEMO_PRETRAIN):
+            if name not in DEMO_PRETRAIN:
+                raise ConfigError(f"unknown demo model '{name}'. Fix: use one of {', '.join(DEMO_PRETRAIN)}")
+            e = ensure_pretrained(name, reg, address=args.address)
+            ppl = e.metrics.get("eval_after", {}).get("perplexity")
+            print(f"{e.ref:<24} held-out perplexity {ppl}   {e.path}")
         return 0
     from homefire.models.build import DEMO_RECIPES, ensure_model
 
@@ -226,7 +341,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    handler: dict[str, Any] = {"serve": cmd_serve, "status": cmd_status, "models": cmd_models}
+    handler: dict[str, Any] = {"serve": cmd_serve, "status": cmd_status, "train": cmd_train, "models": cmd_models}
     try:
         return handler[args.command](args)
     except HomefireError as err:

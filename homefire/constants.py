@@ -24,6 +24,10 @@ ENGINE_START_TIMEOUT_S = _env_float("HOMEFIRE_ENGINE_START_TIMEOUT_S", 600.0)
 COLD_START_TIMEOUT_S = _env_float("HOMEFIRE_COLD_START_TIMEOUT_S", 300.0)
 #: Longest wait for the readiness route's replica probes.
 HEALTH_CHECK_TIMEOUT_S = _env_float("HOMEFIRE_HEALTH_CHECK_TIMEOUT_S", 5.0)
+#: Longest wait for a replica to load a LoRA adapter from the registry.
+ADAPTER_LOAD_TIMEOUT_S = _env_float("HOMEFIRE_ADAPTER_LOAD_TIMEOUT_S", 120.0)
+#: Where training runs (checkpoints, reports) go unless the config sets storage_path.
+RUNS_DIR = Path(os.environ.get("HOMEFIRE_RUNS", HOME_DIR / "runs"))
 #: Longest wait for `homefire serve` to see every deployment running.
 SERVE_START_TIMEOUT_S = _env_float("HOMEFIRE_SERVE_START_TIMEOUT_S", 900.0)
 

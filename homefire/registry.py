@@ -80,6 +80,10 @@ class Registry:
             return []
         return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "entry.json").is_file())
 
+    def versions(self, name: str) -> list[int]:
+        """The versions of ``name`` (ascending); empty when there is none."""
+        return self._versions(name)
+
     def _load(self, name: str, version: int) -> Entry:
         data = json.loads((self.root / name / str(version) / "entry.json").read_text())
         return Entry(**data)

@@ -12,6 +12,7 @@ Example (a Serve config)::
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from homefire.errors import ConfigError
 from homefire.registry import Registry
 from homefire.serve.config import AppConfig, ModelConfig
 
+logger = logging.getLogger(__name__)
+
 #: Streaming chunks leave the model replica at most this often after the first token.
 STREAM_INTERVAL_S = float(os.environ.get("HOMEFIRE_STREAM_INTERVAL_S", "0.05"))
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
@@ -32,14 +35,29 @@ def deployment_name(model: ModelConfig) -> str:
     return "model-" + model.name.replace("/", "--")
 
 
-def resolve_model_path(model: ModelConfig, registry: Registry) -> str:
-    """A registry ref, directory or hub id -> what the engine loads; builds the offline demo models on demand."""
+def resolve_model(model: ModelConfig, registry: Registry) -> tuple[str, str]:
+    """(what the engine loads, the base's registry ref or path) for a registry ref, directory or hub id.
+
+    The offline demo models are built on demand; their latest version is served, so once
+    ``homefire models build-demo`` has pretrained them the default app answers in English.
+    """
     from homefire.models.build import DEMO_RECIPES, ensure_model
 
     src = model.source
     if src in DEMO_RECIPES and not Path(src).is_dir():
-        return ensure_model(DEMO_RECIPES[src], registry).path
-    return registry.resolve_source(src)
+        if not registry.versions(src):
+            ensure_model(DEMO_RECIPES[src], registry)
+            logger.warning("serving %s with random weights; `homefire models build-demo` makes it speak", src)
+        entry = registry.get(src)
+        return entry.path, entry.ref
+    path = registry.resolve_source(src)
+    if "/" not in src and not Path(src).expanduser().is_dir():
+        return path, registry.get(src).ref
+    return path, path
+
+
+def resolve_model_path(model: ModelConfig, registry: Registry) -> str:
+    return resolve_model(model, registry)[0]
 
 
 def _model_options(m: ModelConfig) -> dict[str, Any]:
@@ -81,9 +99,9 @@ def build_app(args: dict[str, Any] | None = None):
     registry = Registry(cfg.registry) if cfg.registry else Registry()
     handles, deployments, optional = {}, {}, []
     for m in cfg.models:
-        path = resolve_model_path(m, registry)
+        path, base_ref = resolve_model(m, registry)
         dep = serve.deployment(ModelServer).options(**_model_options(m))
-        handles[m.name] = dep.bind(m.model_dump(mode="json"), path, STREAM_INTERVAL_S)
+        handles[m.name] = dep.bind(m.model_dump(mode="json"), path, STREAM_INTERVAL_S, str(registry.root), base_ref)
         deployments[deployment_name(m)] = m.name
         if m.autoscaling is not None and m.autoscaling.min_replicas == 0:
             optional.append(m.name)  # scaled to zero by design: readiness does not wait for it

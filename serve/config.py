@@ -71,6 +71,14 @@ class ModelConfig(ModelSpec):
         description="Share of device memory the engine may take; default 0.9 x gpus on GPU, 0.3 on CPU.",
     )
     kv_cache_gb: float = Field(1.0, gt=0, le=4096, description="KV-cache size on CPU machines (GiB).")
+    max_loras: int = Field(
+        4, ge=0, le=256,
+        description="LoRA adapters one engine batch may mix; adapters from the registry load on first use "
+        "(`model: <name>:<adapter>`). 0 turns LoRA off.",
+    )
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        16, description="Largest adapter rank the engine accepts (vLLM's allowed values)."
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Extra engine keyword arguments (vLLM: AsyncEngineArgs fields)."
     )

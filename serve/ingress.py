@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from homefire import constants
 from homefire.errors import (
     AuthenticationError,
     EngineError,
@@ -120,6 +121,14 @@ class VertexPredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     instances: list[dict[str, Any]] = Field(min_length=1, max_length=64)
     parameters: dict[str, Any] | None = None
+
+
+class LoadAdapterRequest(BaseModel):
+    """``POST /v1/load_lora_adapter`` (vLLM's route name): serve a registered adapter as ``<model>:<adapter>``."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=3, max_length=200, pattern=r"^[^:]+:[^:]+$")
+    lora_path: str | None = Field(None, description="Not accepted: adapters come from the registry.")
 
 
 def _as_openai(data: dict) -> tuple[Any, str]:
@@ -302,14 +311,47 @@ class Ingress:
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
+        """Served models, then the registry adapters each can serve as ``<model>:<adapter>``."""
         self._authorize(request)
-        return {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": self.created, "owned_by": "homefire"}
-                for name in sorted(self.handles)
-            ],
-        }
+        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "homefire"} for name in sorted(self.handles)]
+        for name in sorted(self.handles):
+            if name in self.scale_to_zero:
+                continue  # asking would wake a replica
+            try:
+                adapters = await asyncio.wait_for(
+                    self.handles[name].options(method_name="available_adapters").remote(), constants.HEALTH_CHECK_TIMEOUT_S
+                )
+            except (asyncio.TimeoutError, Exception) as err:  # a busy or starting replica must not fail the listing
+                logger.info("adapters of %s not listed: %s", name, err)
+                continue
+            data += [{"id": f"{name}:{a}", "object": "model", "created": self.created, "owned_by": "homefire",
+                      "parent": name} for a in adapters]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(self, request: Request) -> Response:
+        """Load a registry adapter on a replica of its model now (requests for it also load it on first use)."""
+        return await self._counted("load_adapter", self._load_adapter(request))
+
+    async def _load_adapter(self, request: Request) -> Response:
+        self._authorize(request)
+        body = validate_request(load_json_object(await self._read_body(request)), LoadAdapterRequest)
+        if body.lora_path is not None:
+            raise InvalidRequest(
+                "lora_path is not accepted: homefire serves adapters from its registry. Fix: send only "
+                "lora_name '<model>:<adapter>' after `homefire train` registered the adapter", param="lora_path",
+            )
+        base, _, adapter = self._route(body.lora_name)
+        try:
+            result = await asyncio.wait_for(
+                self.handles[base].options(method_name="load_adapter").remote(adapter),
+                constants.ADAPTER_LOAD_TIMEOUT_S + self.cfg.cold_start_timeout_s,
+            )
+        except asyncio.TimeoutError:
+            raise ServiceUnavailable(f"model '{base}' did not load '{adapter}' in time; retry later", code="timeout") from None
+        except BaseException as err:
+            raise self._as_homefire(err, base) from None
+        return JSONResponse({"object": "lora_adapter", "status": "loaded", **result})
 
     @app.get("/health")
     async def health(self) -> dict:

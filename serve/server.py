@@ -6,11 +6,14 @@ model's placement and autoscaling options.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from homefire import constants
+from homefire.errors import AdapterNotFound, ConfigError, EngineStartTimeout, ModelNotFound
+from homefire.registry import Registry
 from homefire.serve.config import ModelConfig
 from homefire.serve.engines import engine_class
 from homefire.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -22,10 +25,17 @@ logger = logging.getLogger(__name__)
 class ModelServer:
     """Holds one engine for one model version; methods are called through Serve handles."""
 
-    async def __init__(self, model: dict[str, Any], model_path: str, stream_interval_s: float = 0.0):
+    async def __init__(
+        self, model: dict[str, Any], model_path: str, stream_interval_s: float = 0.0,
+        registry_root: str | None = None, base_ref: str | None = None,
+    ):
         from transformers import AutoTokenizer
 
         self.cfg = ModelConfig.model_validate(model)
+        self.model_path = model_path
+        self.base_ref = base_ref or model_path
+        self.registry = Registry(registry_root) if registry_root else Registry()
+        self._adapter_lock = asyncio.Lock()
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=self.cfg.trust_remote_code)
         self.engine = engine_class(self.cfg.engine)(self.cfg, model_path)
         await self.engine.start(constants.ENGINE_START_TIMEOUT_S)
@@ -33,12 +43,72 @@ class ModelServer:
         logger.info("model %s ready (engine %s, max_model_len %d)", self.cfg.name, self.cfg.engine, self.engine.max_model_len)
 
     async def chat(self, request: ChatCompletionRequest, adapter: str | None = None) -> AsyncIterator[str | dict]:
+        if adapter is not None:
+            await self.ensure_adapter(adapter)
         async for item in self.serving.chat(request, adapter):
             yield item
 
     async def completion(self, request: CompletionRequest, adapter: str | None = None) -> AsyncIterator[str | dict]:
+        if adapter is not None:
+            await self.ensure_adapter(adapter)
         async for item in self.serving.completion(request, adapter):
             yield item
+
+    async def ensure_adapter(self, name: str) -> str:
+        """Load adapter ``name`` from the registry unless this replica has it; returns its registry ref.
+
+        Every replica resolves adapters itself, so one started later by autoscaling serves them too.
+        Raises AdapterNotFound (404) for an unknown adapter or one trained on another base model.
+        """
+        if name in self.engine.adapters():
+            return name
+        async with self._adapter_lock:
+            if name in self.engine.adapters():
+                return name
+            entry = self._adapter_entry(name)
+            try:
+                await asyncio.wait_for(self.engine.load_adapter(name, entry.path), constants.ADAPTER_LOAD_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise EngineStartTimeout(
+                    f"adapter '{name}' did not load within {constants.ADAPTER_LOAD_TIMEOUT_S:.0f}s "
+                    "(HOMEFIRE_ADAPTER_LOAD_TIMEOUT_S)"
+                ) from None
+            logger.info("model %s: loaded adapter %s (%s)", self.cfg.name, name, entry.ref)
+            return entry.ref
+
+    def _adapter_entry(self, name: str):
+        available = self.available_adapters()
+        try:
+            entry = self.registry.get(name)
+        except (ModelNotFound, ConfigError):
+            entry = None
+        if entry is None or entry.kind != "adapter":
+            raise AdapterNotFound(
+                f"adapter '{name}' is not in the registry for model '{self.cfg.name}'; available: "
+                f"{', '.join(f'{self.cfg.name}:{a}' for a in available) or 'none'}. Fix: train one with `homefire train`",
+                param="model", code="adapter_not_found",
+            )
+        if not self._fits(entry):
+            raise AdapterNotFound(
+                f"adapter '{name}' was trained on {entry.parent}, but '{self.cfg.name}' serves {self.base_ref}. "
+                "Fix: serve the adapter's base model, or retrain the adapter on this one",
+                param="model", code="adapter_base_mismatch",
+            )
+        return entry
+
+    def _fits(self, entry) -> bool:
+        parent = entry.parent or ""
+        if parent == self.base_ref:
+            return True
+        try:
+            return self.registry.get(parent).path == self.model_path
+        except (ModelNotFound, ConfigError):
+            return parent == self.model_path
+
+    def available_adapters(self) -> list[str]:
+        """Registry adapters trained on the base this replica serves."""
+        return sorted(e.name for e in self.registry.list() if e.kind == "adapter" and self._fits(e)
+                      and e.version == max(x.version for x in self.registry.list() if x.name == e.name))
 
     async def info(self) -> dict[str, Any]:
         return {
@@ -46,11 +116,13 @@ class ModelServer:
             "engine": self.cfg.engine,
             "max_model_len": self.engine.max_model_len,
             "adapters": self.engine.adapters(),
+            "available_adapters": self.available_adapters(),
             "stats": self.engine.stats(),
         }
 
-    async def load_adapter(self, name: str, path: str) -> None:
-        await self.engine.load_adapter(name, path)
+    async def load_adapter(self, name: str) -> dict[str, Any]:
+        ref = await self.ensure_adapter(name)
+        return {"model": f"{self.cfg.name}:{name}", "entry": ref}
 
     async def unload_adapter(self, name: str) -> None:
         await self.engine.unload_adapter(name)

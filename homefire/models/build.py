@@ -22,7 +22,7 @@ from homefire.registry import Entry, Registry
 logger = logging.getLogger(__name__)
 
 #: Bump when the build code changes in a way that changes the artifacts.
-BUILD_CODE_VERSION = 1
+BUILD_CODE_VERSION = 2
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -50,6 +50,9 @@ class ModelRecipe:
     num_attention_heads: int = 4
     num_key_value_heads: int = 4
     max_position_embeddings: int = 1024
+    #: Init std; default 1/sqrt(hidden_size). Tiny models need it: at the usual 0.02 the output head's logits
+    #: cannot exceed ~2.5 nats, so a fine-tune can hardly make any answer likely.
+    initializer_range: float | None = None
     seed: int = 0
 
     def hash(self) -> str:
@@ -119,6 +122,7 @@ def build_model(recipe: ModelRecipe, out_dir: str | Path) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        initializer_range=recipe.initializer_range or round(recipe.hidden_size ** -0.5, 4),
         torch_dtype="float32",
     )
     torch.manual_seed(recipe.seed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,7 +36,7 @@ class VLLMEngine:
         self.model_path = model_path
         self.max_model_len = cfg.max_model_len or 0
         self._engine = None
-        self._adapters: dict[str, Any] = {}
+        self._adapters: OrderedDict[str, Any] = OrderedDict()  # least recently used first
         self._next_lora_id = 1
 
     def _engine_args(self):
@@ -64,6 +65,10 @@ class VLLMEngine:
             # Compact JSON under response_format: a weak model cannot then loop on whitespace until max_tokens.
             structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         )
+        if self.cfg.max_loras > 0:
+            # One slot more than homefire ever fills: vLLM's CPU LoRA ops index "no adapter" (-1) as the last
+            # slot, so in a batch mixing base and adapter requests the base ones would get that slot's adapter.
+            kwargs.update(enable_lora=True, max_loras=self.cfg.max_loras + 1, max_lora_rank=self.cfg.max_lora_rank)
         kwargs.update(self.cfg.engine_args)
         return AsyncEngineArgs(**kwargs)
 
@@ -109,6 +114,7 @@ class VLLMEngine:
                     f"adapter '{adapter}' is not loaded on '{self.cfg.name}'; loaded: {', '.join(self._adapters) or 'none'}",
                     param="model",
                 )
+            self._adapters.move_to_end(adapter)
         try:
             params = self._sampling_params(sampling)
         except ValueError as err:  # vLLM's own validation (e.g. a JSON schema it cannot compile)
@@ -131,9 +137,22 @@ class VLLMEngine:
     async def load_adapter(self, name: str, path: str) -> None:
         from vllm.lora.request import LoRARequest
 
+        if self.cfg.max_loras == 0:
+            raise InvalidRequest(
+                f"model '{self.cfg.name}' is served without LoRA support. Fix: set max_loras > 0 in its serve config",
+                param="model",
+            )
+        while len(self._adapters) >= self.cfg.max_loras:  # evict ourselves: never let vLLM fill the spare slot
+            old, old_req = self._adapters.popitem(last=False)
+            await self._engine.remove_lora(old_req.lora_int_id)
+            logger.info("model %s: evicted adapter %s (max_loras %d)", self.cfg.name, old, self.cfg.max_loras)
+        # A fresh id per load: vLLM keeps the old weights when an id is reused.
         req = LoRARequest(lora_name=name, lora_int_id=self._next_lora_id, lora_path=path)
         self._next_lora_id += 1
-        await self._engine.add_lora(req)
+        try:
+            await self._engine.add_lora(req)
+        except Exception as err:  # vLLM's client re-raises worker errors as a bare Exception carrying the message
+            raise InvalidRequest(f"adapter '{name}' cannot be served by '{self.cfg.name}': {err}", param="model") from err
         self._adapters[name] = req
 
     async def unload_adapter(self, name: str) -> None:

@@ -1,0 +1,83 @@
+"""The training config: shipped YAMLs load, bad keys are named with the fix, GPU-only features say so on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from homefire.cli import _parse_overrides
+from homefire.config import validate_config
+from homefire.errors import ConfigError
+from homefire.train.config import TrainConfig, load_train_config
+from homefire.train.recipe import deepspeed_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN_YAMLS = sorted((ROOT / "train" / "configs").glob("*.yaml"))
+BASE = {"model": {"source": "demo-tiny"}, "data": {"train": "x.jsonl"}, "output": {"name": "a"}}
+
+
+@pytest.mark.parametrize("path", TRAIN_YAMLS, ids=lambda p: p.name)
+def test_every_shipped_train_yaml_loads_and_says_how_to_run_it(path):
+    text = path.read_text()
+    assert text.startswith("#") and "homefire train" in text.split("\n\n")[0]
+    cfg = load_train_config(path)
+    assert cfg.output.name and cfg.scaling.workers >= 1
+
+
+def test_the_gpu_config_is_a_realistic_7b_class_run():
+    cfg = load_train_config(ROOT / "train" / "configs" / "llama-8b-lora-gpu.yaml")
+    assert cfg.scaling.use_gpu and cfg.scaling.workers >= 2 and cfg.deepspeed is not None
+    assert "/" in cfg.model.source and cfg.model.dtype == "bfloat16" and cfg.data.max_length >= 2048
+
+
+def test_demo_data_path_is_resolved_next_to_the_yaml():
+    cfg = load_train_config(ROOT / "train" / "configs" / "demo-lora.yaml")
+    assert Path(cfg.data.train).is_file()
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"optim.epoch: unknown key.*did you mean 'epochs'"):
+        validate_config(TrainConfig, {**BASE, "optim": {"epoch": 1}})
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"deepspeed": {"stage": 2, "offload_params": True}}, "offload_params needs stage: 3"),
+    ({"deepspeed": {"stage": 1}}, "deepspeed.stage"),
+    ({"lora": {"quantize": "4bit"}, "deepspeed": {"stage": 2}}, "QLoRA"),
+    ({"method": "full", "output": {"name": "a", "merge": True}}, "output.merge applies to method: lora"),
+    ({"output": {"name": "bad name!"}}, "output.name"),
+    ({"scaling": {"workers": 0}}, "scaling.workers"),
+])
+def test_cross_field_errors_name_the_key_and_fix(extra, words):
+    with pytest.raises(ConfigError) as err:
+        validate_config(TrainConfig, {**BASE, **extra})
+    assert words in str(err.value)
+
+
+def test_qlora_on_a_cpu_box_is_a_clear_error_before_anything_starts():
+    from homefire.train.trainer import _check_qlora
+
+    cfg = validate_config(TrainConfig, {**BASE, "lora": {"quantize": "4bit"}})
+    with pytest.raises(ConfigError, match="QLoRA.*needs CUDA GPUs and bitsandbytes"):
+        _check_qlora(cfg)
+
+
+def test_set_overrides_use_yaml_values():
+    assert _parse_overrides(["optim.lr=1e-4", "scaling.workers=4", "deepspeed={stage: 3}"]) == {
+        "optim.lr": 1e-4, "scaling.workers": 4, "deepspeed": {"stage": 3}}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        _parse_overrides(["optim.lr"])
+    cfg = load_train_config(ROOT / "train" / "configs" / "demo-lora.yaml", {"optim.lr": 1e-4, "scaling.workers": 1})
+    assert cfg.optim.lr == 1e-4 and cfg.scaling.workers == 1
+
+
+def test_deepspeed_config_follows_the_train_config():
+    cfg = validate_config(TrainConfig, {**BASE, "deepspeed": {"stage": 3, "offload_optimizer": True, "offload_params": True},
+                                        "optim": {"batch_size": 4, "grad_accum": 2}})
+    ds = deepspeed_config(cfg)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert ds["zero_optimization"]["offload_param"] == {"device": "cpu"}
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
+    assert "bf16" not in ds  # fp32 on CPU

@@ -1,0 +1,304 @@
+"""Ray Train wiring: config in, a finished run (report, loss curve, registry entry) out.
+
+    from homefire.train import load_train_config, run_training
+    report = run_training(load_train_config("train/configs/demo-lora.yaml"))
+
+The driver checks the config and the data before any worker starts (a bad row fails here,
+named by file and line), runs a ``TorchTrainer`` with the config's ``ScalingConfig``,
+``FailureConfig`` and ``CheckpointConfig``, then writes the run report and hands the result
+to the registry (:mod:`homefire.train.export`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from homefire.errors import ConfigError
+from homefire.registry import Registry
+from homefire.train.config import TrainConfig
+
+REPORT_FILE = "report.json"
+CURVE_FILE = "loss_curve.png"
+
+
+@dataclass
+class RunReport:
+    """What a run produced; also written as ``report.json`` in the run directory."""
+
+    run_id: str
+    run_dir: str
+    status: str
+    steps: int
+    final_loss: float | None
+    eval_before: dict[str, Any]
+    eval_after: dict[str, Any]
+    exact_match: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    resumes: list[dict[str, Any]] = field(default_factory=list)
+    trainable_params: int = 0
+    total_params: int = 0
+    tokens_per_s: float = 0.0
+    wall_s: float = 0.0
+    artifact: str | None = None
+    entry: str | None = None
+    workers: int = 1
+    method: str = "lora"
+    deepspeed: dict | None = None
+
+    def summary(self) -> str:
+        """The table printed at the end of a run."""
+        rows = [
+            ("run", self.run_id), ("status", self.status), ("method", self.method + (f" + ZeRO-{self.deepspeed['stage']}" if self.deepspeed else "")),
+            ("workers", self.workers), ("steps", self.steps),
+            ("trainable params", f"{self.trainable_params:,} of {self.total_params:,} ({100 * self.trainable_params / max(self.total_params, 1):.2f}%)"),
+            ("train loss (last)", f"{self.final_loss:.4f}" if self.final_loss is not None else "-"),
+            ("eval loss  before → after", f"{self.eval_before.get('eval_loss', float('nan')):.4f} → {self.eval_after.get('eval_loss', float('nan')):.4f}"),
+            ("perplexity before → after", f"{self.eval_before.get('perplexity', float('nan')):.2f} → {self.eval_after.get('perplexity', float('nan')):.2f}"),
+        ]
+        if self.exact_match:
+            em = self.exact_match
+            rows.append(("exact match before → after", f"{em['before']:.1%} → {em['after']:.1%} (n={em['n']})"))
+        rows += [
+            ("examples (train/eval)", f"{self.data.get('train_examples', 0)}/{self.data.get('eval_examples', 0)}; "
+             f"{self.data.get('truncated', 0)} truncated at {self.data.get('max_length')} tokens"),
+            ("throughput", f"{self.tokens_per_s:,.0f} tokens/s"), ("wall time", f"{self.wall_s:.0f} s"),
+            ("resumed after failures", len(self.resumes)), ("registry entry", self.entry or "-"), ("run dir", self.run_dir),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def _ensure_ray(address: str | None, cfg: TrainConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+        return
+    # Logical CPUs: every worker plus room for Ray Data's readers next to them (oversubscribed on small boxes).
+    need = math.ceil(cfg.scaling.workers * cfg.scaling.cpus_per_worker) + 2
+    ray.init(num_cpus=max(os.cpu_count() or 1, need), dashboard_host="127.0.0.1",
+             logging_level="WARNING")
+
+
+def resolve_base(cfg: TrainConfig, registry: Registry) -> tuple[str, str, str]:
+    """(path the workers load, lineage reference, content hash) of the base model."""
+    from homefire.models.build import DEMO_RECIPES, ensure_model
+    src = cfg.model.source
+    if src in DEMO_RECIPES and not Path(src).is_dir():
+        entry = ensure_model(DEMO_RECIPES[src], registry) if not (registry.root / src).is_dir() else registry.get(src)
+        return entry.path, entry.ref, entry.recipe_hash or _files_hash(entry.files)
+    path = registry.resolve_source(src)
+    if Path(path).is_dir() and "/" not in src and not Path(src).is_dir():
+        entry = registry.get(src)
+        return entry.path, entry.ref, entry.recipe_hash or _files_hash(entry.files)
+    return path, src, _dir_hash(path) if Path(path).is_dir() else "hub:" + src
+
+
+def _files_hash(files: dict[str, str]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _dir_hash(path: str) -> str:
+    from homefire.registry import sha256_file
+
+    return _files_hash({str(p.relative_to(path)): sha256_file(p) for p in sorted(Path(path).rglob("*.safetensors"))})
+
+
+def new_run_id(cfg: TrainConfig) -> str:
+    return f"{cfg.output.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted(p for p in run_dir.glob("checkpoint_step_*") if (p / "trainer_state.json").is_file())
+    return ckpts[-1] if ckpts else None
+
+
+def run_training(
+    cfg: TrainConfig,
+    *,
+    address: str | None = None,
+    resume: str | None = None,
+    registry: Registry | None = None,
+    prepared=None,
+    quiet: bool = False,
+) -> RunReport:
+    """Run one fine-tuning job end to end and return its report.
+
+    Args:
+        cfg: the validated training config.
+        address: a running Ray cluster (``auto`` or ``host:port``); default: start a local Ray.
+        resume: a run id (or run directory) to continue from its last checkpoint.
+        registry: where the base model is found and the result registered (default: ``$HOMEFIRE_HOME``).
+        prepared: already tokenized data (:class:`~homefire.train.data.PreparedData`), e.g. from `build-demo`.
+
+    Raises:
+        ConfigError / DataError: before any worker starts, naming the key or the file and line.
+    """
+    from transformers import AutoTokenizer
+
+    from homefire.train.data import prepare_data
+
+    t0 = time.time()
+    registry = registry or Registry()
+    if cfg.lora.quantize != "none" and cfg.method == "lora":
+        _check_qlora(cfg)
+    model_path, base_ref, base_hash = resolve_base(cfg, registry)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = prepared or prepare_data(cfg.data, tokenizer)
+    per_worker = data.train.num_rows // cfg.scaling.workers
+    steps_per_epoch = per_worker // cfg.optim.batch_size // cfg.optim.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"{data.train.num_rows} training examples are too few for {cfg.scaling.workers} worker(s) × batch_size "
+            f"{cfg.optim.batch_size} × grad_accum {cfg.optim.grad_accum}. Fix: lower optim.batch_size or add data"
+        )
+    total_steps = cfg.optim.max_steps or steps_per_epoch * cfg.optim.epochs
+
+    root = cfg.run_root()
+    resume_from = None
+    if resume:
+        run_dir = Path(resume) if Path(resume).is_dir() else Path(root) / resume
+        if not run_dir.is_dir():
+            raise ConfigError(f"run '{resume}' not found under {root}. Fix: pass a run id from {root} or a run directory")
+        run_id, root = run_dir.name, str(run_dir.parent)
+        resume_from = _latest_checkpoint(run_dir)
+        if resume_from is None:
+            raise ConfigError(f"run {run_dir} has no checkpoint to resume from. Fix: start a new run")
+    else:
+        run_id = new_run_id(cfg)
+    run_dir = Path(root) / run_id
+    local = "://" not in root
+    if local:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+
+    import ray
+    from ray.data import ExecutionOptions
+    from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    _ensure_ray(address, cfg)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the step lines are the progress display
+    datasets = {"train": ray.data.from_arrow(data.train), "eval": ray.data.from_arrow(data.eval)}
+    job = {
+        "model_path": model_path, "pad_id": tokenizer.pad_token_id, "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch, "metrics_log": str(run_dir / "metrics.jsonl") if local else None,
+    }
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
+    trainer = TorchTrainer(
+        _train_fn(),
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "job": job},
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources,
+            placement_strategy=cfg.scaling.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=run_id, storage_path=root, failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep + 1),
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+        datasets=datasets,
+        # The same rows reach the same worker in the same order on every attempt: a resumed run replays exactly.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        resume_from_checkpoint=Checkpoint.from_directory(str(resume_from)) if resume_from else None,
+    )
+    if not quiet:
+        print(f"[homefire train] run {run_id}: {cfg.method} on {base_ref}, {cfg.scaling.workers} worker(s), "
+              f"{total_steps} steps, {data.stats['train_examples']} examples; run dir {run_dir}", flush=True)
+    result = trainer.fit()
+    metrics = result.metrics or {}
+    state = metrics.get("state") or {}
+    ckpt_dir = Path(result.checkpoint.path) if result.checkpoint is not None else None
+    artifact = ckpt_dir / "artifact" if ckpt_dir is not None and (ckpt_dir / "artifact").is_dir() else None
+    evals = state.get("evals", [])
+    history = state.get("history", [])
+    rates = [h["tokens_per_s"] for h in history[1:]] or [h["tokens_per_s"] for h in history]
+    report = RunReport(
+        run_id=run_id, run_dir=str(run_dir), status="finished" if artifact else "failed", steps=state.get("step", 0),
+        final_loss=history[-1]["loss"] if history else None,
+        eval_before=next((e for e in evals if e["step"] == 0), {}), eval_after=evals[-1] if evals else {},
+        data={**data.stats, "data_hash": data.data_hash}, history=history, evals=evals, resumes=state.get("resumes", []),
+        trainable_params=state.get("trainable_params", 0), total_params=state.get("total_params", 0),
+        tokens_per_s=round(sum(rates) / len(rates), 1) if rates else 0.0, artifact=str(artifact) if artifact else None,
+        workers=cfg.scaling.workers, method=cfg.method, deepspeed=cfg.deepspeed.model_dump() if cfg.deepspeed else None,
+    )
+    if artifact is not None and cfg.eval.exact_match and data.eval_examples:
+        from homefire.train.evaluate import exact_match_before_after
+
+        report.exact_match = exact_match_before_after(cfg, model_path, str(artifact), data.eval_examples)
+    if artifact is not None and cfg.output.to_registry:
+        from homefire.train.export import register_result
+
+        entry = register_result(cfg, registry, artifact, report, base_ref=base_ref, base_hash=base_hash, model_path=model_path)
+        report.entry = entry
+    report.wall_s = round(time.time() - t0, 1)
+    write_report(report, run_dir if local else None)
+    return report
+
+
+def _train_fn():
+    from homefire.train.recipe import train_loop_per_worker
+
+    return train_loop_per_worker
+
+
+def _check_qlora(cfg: TrainConfig) -> None:
+    import importlib.util
+
+    import torch
+
+    if not (cfg.scaling.use_gpu and torch.cuda.is_available()):
+        raise ConfigError(
+            f"lora.quantize: {cfg.lora.quantize} (QLoRA) needs CUDA GPUs and bitsandbytes; this run has "
+            f"{'no CUDA device' if not torch.cuda.is_available() else 'scaling.use_gpu: false'}. "
+            "Fix: set lora.quantize: none, or run on GPU workers with scaling.use_gpu: true"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("lora.quantize needs bitsandbytes. Fix: pip install bitsandbytes (CUDA machines)")
+
+
+def write_report(report: RunReport, run_dir: Path | None) -> None:
+    """report.json and the loss-curve PNG in the run directory."""
+    if run_dir is None:
+        return
+    (run_dir / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
+    if not report.history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in report.history], [h["loss"] for h in report.history], label="train loss")
+    ev = [e for e in report.evals if e.get("eval_loss") == e.get("eval_loss")]
+    if ev:
+        ax.plot([e["step"] for e in ev], [e["eval_loss"] for e in ev], "o--", label="eval loss")
+    for r in report.resumes:
+        ax.axvline(r["from_step"], color="grey", linestyle=":", label="resumed from checkpoint")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"{report.run_id}: {report.method}, {report.workers} worker(s)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / CURVE_FILE, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["RunReport", "new_run_id", "run_training", "write_report"]
