@@ -176,6 +176,8 @@ def run_training(
         if not run_dir.is_dir():
             raise ConfigError(f"run '{resume}' not found under {root}. Fix: pass a run id from {root} or a run directory")
         run_id, root = run_dir.name, str(run_dir.parent)
+        # Ray Train restores a run from its checkpoint snapshot when the same name is reused; a checkpoint
+        # written just before the driver died may be missing there, so the workers also get the newest on disk.
         resume_from = _latest_checkpoint(run_dir)
         if resume_from is None:
             raise ConfigError(f"run {run_dir} has no checkpoint to resume from. Fix: start a new run")
@@ -189,7 +191,7 @@ def run_training(
 
     import ray
     from ray.data import ExecutionOptions
-    from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     _ensure_ray(address, cfg)
@@ -198,6 +200,7 @@ def run_training(
     job = {
         "model_path": model_path, "pad_id": tokenizer.pad_token_id, "total_steps": total_steps,
         "steps_per_epoch": steps_per_epoch, "metrics_log": str(run_dir / "metrics.jsonl") if local else None,
+        "resume_from": str(resume_from) if resume_from else None,
     }
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     trainer = TorchTrainer(
@@ -216,7 +219,6 @@ def run_training(
         datasets=datasets,
         # The same rows reach the same worker in the same order on every attempt: a resumed run replays exactly.
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
-        resume_from_checkpoint=Checkpoint.from_directory(str(resume_from)) if resume_from else None,
     )
     if not quiet:
         print(f"[homefire train] run {run_id}: {cfg.method} on {base_ref}, {cfg.scaling.workers} worker(s), "
