@@ -209,3 +209,26 @@ def test_pretraining_the_demo_model_lowers_held_out_perplexity_and_is_cached(ray
     assert ensure_pretrained("demo-tiny", Registry(), recipe=recipe).ref == entry.ref
     assert time.time() - t0 < 5
     assert sha256_file(Path(entry.path) / "model.safetensors") == entry.files["model.safetensors"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deepspeed", [
+    {"stage": 2},
+    {"stage": 3, "offload_optimizer": True, "offload_params": True},
+], ids=["zero2", "zero3-offload"])
+def test_deepspeed_zero_trains_on_cpu_with_gloo_and_exports_the_adapter(ray_cluster, tmp_path, deepspeed):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    name = f"answer-ds{deepspeed['stage']}"
+    report = run_training(_cfg(tmp_path, name, deepspeed=deepspeed, **{"optim.max_steps": 20}))
+    assert report.status == "finished" and report.steps == 20 and report.deepspeed["stage"] == deepspeed["stage"]
+    assert report.eval_after["eval_loss"] < 0.7 * report.eval_before["eval_loss"]
+    entry = Registry().get(name)
+    weights = load_file(str(Path(entry.path) / "adapter_model.safetensors"))
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert len(lora_b) == 2 * 7 and all(v.numel() > 0 for v in lora_b)  # 2 layers x 7 projections, gathered whole
+    assert max(float(v.abs().max()) for v in lora_b) > 1e-3  # trained, not the zero init
+    base = AutoModelForCausalLM.from_pretrained(Registry().get(entry.parent).path)
+    PeftModel.from_pretrained(base, entry.path)  # loads as a plain PEFT adapter
