@@ -82,7 +82,7 @@ def _ensure_ray(address: str | None, cfg: TrainConfig) -> None:
 
     if ray.is_initialized():
         return
-    if address:
+    if address or os.environ.get("RAY_ADDRESS"):  # a cluster, or inside `ray job submit` (which sets RAY_ADDRESS)
         ray.init(address=address, logging_level="WARNING")
         return
     # Logical CPUs: every worker plus room for Ray Data's readers next to them (oversubscribed on small boxes).
@@ -226,7 +226,10 @@ def run_training(
     result = trainer.fit()
     metrics = result.metrics or {}
     state = metrics.get("state") or {}
-    ckpt_dir = Path(result.checkpoint.path) if result.checkpoint is not None else None
+    ckpt_dir = None
+    if result.checkpoint is not None:
+        # A shared URI (s3://, gs://) is fetched to local disk so the artifact can be evaluated and registered.
+        ckpt_dir = Path(result.checkpoint.path) if local else Path(result.checkpoint.to_directory())
     artifact = ckpt_dir / "artifact" if ckpt_dir is not None and (ckpt_dir / "artifact").is_dir() else None
     evals = state.get("evals", [])
     history = state.get("history", [])
