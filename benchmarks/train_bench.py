@@ -2,6 +2,8 @@
 
     python benchmarks/train_bench.py                 # the demo model (~5M params), 60 steps per setting (~5 min)
     python benchmarks/train_bench.py --quick         # demo-tiny, 20 steps per setting
+    python benchmarks/train_bench.py --model wide --settings lora-2w,full-2w --steps 15 --seq-len 128 \
+        --batch-size 4                               # a ~60M-param model: how LoRA/full moves with size
 
 Every setting is one real `homefire train` run (Ray Train workers, gloo, the same recipe and checkpoints) on the
 same packed text (pydoc's topics, blocks of --seq-len tokens, --batch-size blocks per worker per step), sharing one
@@ -13,7 +15,7 @@ the first interval (warm-up) left out. Settings:
 * ``lora-1w-2cpu`` / ``full-1w-2cpu``: 1 worker owning both cores (2 threads): what one process gets from the box.
 
 Targets: 2 workers / 1 worker (1 CPU each) >= 1.6; LoRA / full at 2 workers >= 1.3.
-Writes ``OUT/train_bench.json`` and ``OUT/train_bench.png`` and prints a table.
+Writes ``OUT/train_bench[-MODEL].json`` and ``.png`` (no suffix for the demo model) and prints a table.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ import platform
 import sys
 import time
 from pathlib import Path
+
+#: Benchmark-only shapes (built offline like the demo models): hidden 1024, 4 layers, ~60M parameters.
+BENCH_RECIPES = {"wide": dict(name="bench-wide", hidden_size=1024, intermediate_size=2752, num_hidden_layers=4,
+                              num_attention_heads=8, num_key_value_heads=8)}
 
 SETTINGS = {
     "lora-1w-1cpu": ("lora", 1, 1.0),
@@ -38,7 +44,7 @@ SETTINGS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="demo", help="demo model to train (demo ~5M, demo-tiny ~0.8M params)")
+    p.add_argument("--model", default="demo", help="demo ~5M, demo-tiny ~0.8M, wide ~60M params")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per setting")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8, help="sequences per worker per step")
@@ -54,14 +60,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_setting(name: str, args, prepared_by_model: dict, registry) -> dict:
     from transformers import AutoTokenizer
 
-    from homefire.models.build import DEMO_RECIPES, ensure_model
+    from homefire.models.build import DEMO_RECIPES, ModelRecipe, ensure_model
     from homefire.models.pretrain import corpus_rows
     from homefire.train.config import TrainConfig
     from homefire.train.data import prepare_data
     from homefire.train.trainer import run_training
 
     method, workers, cpus = SETTINGS[name]
-    base = ensure_model(DEMO_RECIPES[args.model], registry)
+    recipe = DEMO_RECIPES.get(args.model) or ModelRecipe(**BENCH_RECIPES[args.model])
+    base = ensure_model(recipe, registry)
     cfg = TrainConfig.model_validate({
         "model": {"source": base.path}, "method": method,
         "data": {"train": "pydoc_data/topics.py", "format": "text", "max_length": args.seq_len, "eval_fraction": 0.02},
@@ -152,10 +159,11 @@ def main(argv=None) -> int:
         },
         "targets": {"2w_over_1w": 1.6, "lora_over_full": 1.3},
     }
-    (out / "train_bench.json").write_text(json.dumps(summary, indent=2))
-    plot(summary, out / "train_bench.png")
+    stem = "train_bench" if args.model == "demo" else f"train_bench-{args.model}"
+    (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+    plot(summary, out / f"{stem}.png")
     print("\n" + "\n".join(f"  {k:<24} {v}" for k, v in summary["ratios"].items()))
-    print(f"wrote {out / 'train_bench.json'} and {out / 'train_bench.png'}")
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
     return 0
 
 
