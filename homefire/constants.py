@@ -26,6 +26,8 @@ COLD_START_TIMEOUT_S = _env_float("HOMEFIRE_COLD_START_TIMEOUT_S", 300.0)
 HEALTH_CHECK_TIMEOUT_S = _env_float("HOMEFIRE_HEALTH_CHECK_TIMEOUT_S", 5.0)
 #: Longest wait for a replica to load a LoRA adapter from the registry.
 ADAPTER_LOAD_TIMEOUT_S = _env_float("HOMEFIRE_ADAPTER_LOAD_TIMEOUT_S", 120.0)
+#: How often a replica re-reads the registry for a newer version of an adapter it has loaded.
+ADAPTER_REFRESH_S = _env_float("HOMEFIRE_ADAPTER_REFRESH_S", 5.0)
 #: Where training runs (checkpoints, reports) go unless the config sets storage_path.
 RUNS_DIR = Path(os.environ.get("HOMEFIRE_RUNS", HOME_DIR / "runs"))
 #: Longest wait for `homefire serve` to see every deployment running.

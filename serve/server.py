@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,6 +37,7 @@ class ModelServer:
         self.base_ref = base_ref or model_path
         self.registry = Registry(registry_root) if registry_root else Registry()
         self._adapter_lock = asyncio.Lock()
+        self._adapter_checked: dict[str, float] = {}  # adapter -> when its registry version was last checked
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=self.cfg.trust_remote_code)
         self.engine = engine_class(self.cfg.engine)(self.cfg, model_path)
         await self.engine.start(constants.ENGINE_START_TIMEOUT_S)
@@ -57,15 +59,19 @@ class ModelServer:
     async def ensure_adapter(self, name: str) -> str:
         """Load adapter ``name`` from the registry unless this replica has it; returns its registry ref.
 
-        Every replica resolves adapters itself, so one started later by autoscaling serves them too.
+        Every replica resolves adapters itself, so one started later by autoscaling serves them too; a
+        newer registry version of a loaded adapter (retrained under the same name) replaces it within
+        ``ADAPTER_REFRESH_S``, or at once through ``load_adapter``.
         Raises AdapterNotFound (404) for an unknown adapter or one trained on another base model.
         """
-        if name in self.engine.adapters():
+        recent = time.monotonic() - self._adapter_checked.get(name, -1e9) < constants.ADAPTER_REFRESH_S
+        if recent and self.engine.adapter_path(name) is not None:
             return name
         async with self._adapter_lock:
-            if name in self.engine.adapters():
-                return name
             entry = self._adapter_entry(name)
+            if self.engine.adapter_path(name) == entry.path:
+                self._adapter_checked[name] = time.monotonic()
+                return entry.ref
             try:
                 await asyncio.wait_for(self.engine.load_adapter(name, entry.path), constants.ADAPTER_LOAD_TIMEOUT_S)
             except asyncio.TimeoutError:
@@ -74,15 +80,16 @@ class ModelServer:
                     "(HOMEFIRE_ADAPTER_LOAD_TIMEOUT_S)"
                 ) from None
             logger.info("model %s: loaded adapter %s (%s)", self.cfg.name, name, entry.ref)
+            self._adapter_checked[name] = time.monotonic()
             return entry.ref
 
     def _adapter_entry(self, name: str):
-        available = self.available_adapters()
         try:
             entry = self.registry.get(name)
         except (ModelNotFound, ConfigError):
             entry = None
         if entry is None or entry.kind != "adapter":
+            available = self.available_adapters()
             raise AdapterNotFound(
                 f"adapter '{name}' is not in the registry for model '{self.cfg.name}'; available: "
                 f"{', '.join(f'{self.cfg.name}:{a}' for a in available) or 'none'}. Fix: train one with `homefire train`",
@@ -107,8 +114,8 @@ class ModelServer:
 
     def available_adapters(self) -> list[str]:
         """Registry adapters trained on the base this replica serves."""
-        return sorted(e.name for e in self.registry.list() if e.kind == "adapter" and self._fits(e)
-                      and e.version == max(x.version for x in self.registry.list() if x.name == e.name))
+        latest = {e.name: e for e in self.registry.list() if e.kind == "adapter"}  # list() is in version order
+        return sorted(name for name, e in latest.items() if self._fits(e))
 
     async def info(self) -> dict[str, Any]:
         return {
@@ -121,6 +128,7 @@ class ModelServer:
         }
 
     async def load_adapter(self, name: str) -> dict[str, Any]:
+        self._adapter_checked.pop(name, None)  # an explicit load always looks for a newer version
         ref = await self.ensure_adapter(name)
         return {"model": f"{self.cfg.name}:{name}", "entry": ref}
 

@@ -128,7 +128,7 @@ class OpenAIServing:
     # ------------------------------------------------------------------ shapes
     async def _chat_stream(self, req, rid, stream: AsyncIterator[Delta], st: dict):
         created = int(time.time())
-        head = f'data: {{"id":"{rid}","object":"chat.completion.chunk","created":{created},"model":{_dumps(self.model_name)},"choices":['
+        head = f'data: {{"id":"{rid}","object":"chat.completion.chunk","created":{created},"model":{_dumps(req.model)},"choices":['
         yield "".join(
             f'{head}{{"index":{i},"delta":{{"role":"assistant","content":""}},"finish_reason":null}}]}}\n\n'
             for i in range(req.n)
@@ -142,7 +142,7 @@ class OpenAIServing:
 
     async def _text_stream(self, req, rid, stream: AsyncIterator[Delta], st: dict):
         created = int(time.time())
-        head = f'data: {{"id":"{rid}","object":"text_completion","created":{created},"model":{_dumps(self.model_name)},"choices":['
+        head = f'data: {{"id":"{rid}","object":"text_completion","created":{created},"model":{_dumps(req.model)},"choices":['
         async for d in stream:
             st["completion_tokens"] += d.num_tokens
             finish = "null" if d.finish_reason is None else f'"{d.finish_reason}"'
@@ -153,7 +153,7 @@ class OpenAIServing:
         tail = ""
         if req.stream_options is not None and req.stream_options.include_usage:
             tail = _sse({
-                "id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
+                "id": rid, "object": obj, "created": created, "model": req.model, "choices": [],
                 "usage": _usage(st["prompt_tokens"], st["completion_tokens"]),
             })
         return tail + _DONE
@@ -173,7 +173,7 @@ class OpenAIServing:
         texts, finish, tokens = await self._collect(stream, req.n)
         st["completion_tokens"] = tokens
         yield _dumps({
-            "id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
+            "id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model,
             "choices": [
                 {"index": i, "message": {"role": "assistant", "content": "".join(t)}, "logprobs": None,
                  "finish_reason": finish[i] or "stop"}
@@ -186,7 +186,7 @@ class OpenAIServing:
         texts, finish, tokens = await self._collect(stream, req.n)
         st["completion_tokens"] = tokens
         yield _dumps({
-            "id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
+            "id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model,
             "choices": [
                 {"index": i, "text": "".join(t), "logprobs": None, "finish_reason": finish[i] or "stop"}
                 for i, t in enumerate(texts)

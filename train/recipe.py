@@ -370,6 +370,18 @@ class FinetuneRecipe:
         self.engine = None
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train 2.60 logs every report (with its whole metrics dict) at INFO on the worker's console; the
+    step lines already say it. Its logger is named by file path, hence the import."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _step_of(checkpoint_dir: str) -> int:
     name = Path(checkpoint_dir).name  # checkpoint_step_000010[_final]
     return int(name.split("_")[2]) if name.startswith("checkpoint_step_") else -1
@@ -379,6 +391,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker."""
     cfg = TrainConfig.model_validate(config["cfg"])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_ray_train_reports()
     recipe = FinetuneRecipe(cfg, config["job"])
     recipe.setup()
     recipe.train()

@@ -43,8 +43,8 @@ class PretrainRecipe:
 
 
 DEMO_PRETRAIN: dict[str, PretrainRecipe] = {
-    "demo": PretrainRecipe(epochs=3),
-    "demo-tiny": PretrainRecipe(epochs=2, lr=5e-3, max_length=128, batch_size=16),
+    "demo": PretrainRecipe(epochs=8),
+    "demo-tiny": PretrainRecipe(epochs=4, lr=5e-3, max_length=128, batch_size=16),
 }
 
 

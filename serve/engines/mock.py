@@ -71,6 +71,9 @@ class MockEngine:
     def adapters(self) -> list[str]:
         return sorted(self._adapters)
 
+    def adapter_path(self, name: str) -> str | None:
+        return self._adapters.get(name)
+
     def stats(self) -> dict[str, Any]:
         return {"unfinished_requests": self._running}
 

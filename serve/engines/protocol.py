@@ -84,6 +84,10 @@ class Engine(Protocol):
 
     def adapters(self) -> list[str]:
         """Names of loaded adapters."""
+        ...
+
+    def adapter_path(self, name: str) -> str | None:
+        """Where loaded adapter ``name`` came from (None when not loaded)."""
 
     def stats(self) -> dict[str, Any]:
         """Engine-level gauges (running / waiting requests, KV usage ...)."""

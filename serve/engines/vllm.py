@@ -142,6 +142,8 @@ class VLLMEngine:
                 f"model '{self.cfg.name}' is served without LoRA support. Fix: set max_loras > 0 in its serve config",
                 param="model",
             )
+        if name in self._adapters:  # a new version of the same adapter replaces the old one
+            await self._engine.remove_lora(self._adapters.pop(name).lora_int_id)
         while len(self._adapters) >= self.cfg.max_loras:  # evict ourselves: never let vLLM fill the spare slot
             old, old_req = self._adapters.popitem(last=False)
             await self._engine.remove_lora(old_req.lora_int_id)
@@ -163,6 +165,10 @@ class VLLMEngine:
 
     def adapters(self) -> list[str]:
         return sorted(self._adapters)
+
+    def adapter_path(self, name: str) -> str | None:
+        req = self._adapters.get(name)
+        return req.lora_path if req is not None else None
 
     def stats(self) -> dict[str, Any]:
         if self._engine is None:

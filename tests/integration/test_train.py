@@ -33,7 +33,8 @@ def ray_cluster(tiny_model_path):
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=False)
+    ctx = ray.init(num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=False)
+    os.environ["HOMEFIRE_TEST_DASHBOARD"] = "http://" + ctx.dashboard_url
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -170,6 +171,19 @@ def test_cli_resume_continues_a_stopped_run(ray_cluster, tmp_path, big_data):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["steps"] == 30 and report["resumes"][0]["from_step"] in (10, 20)
     assert report["status"] == "finished"
+
+
+def test_ray_job_submit_runs_homefire_train_on_the_cluster(ray_cluster, tmp_path):
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(yaml.safe_dump(_cfg(tmp_path / "runs", "answer-job", **{"optim.max_steps": 10}).model_dump(mode="json")))
+    r = subprocess.run(
+        ["ray", "job", "submit", "--address", os.environ["HOMEFIRE_TEST_DASHBOARD"], "--",
+         sys.executable, "-m", "homefire.cli", "train", str(cfg_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_AUTH_MODE": "token"},
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in r.stdout and "demo-tiny:answer-job" in r.stdout
+    assert Registry().get("answer-job").kind == "adapter"
 
 
 def test_bad_data_fails_before_any_worker_starts_naming_file_and_line(tmp_path):

@@ -110,3 +110,29 @@ def test_an_adapter_trained_on_another_base_is_refused(client, trained):
         _ask(client, "demo-tiny:foreign")
     assert "was trained on demo@1" in str(err.value)
     assert _ask(client, trained) == ANSWER  # and the service keeps serving
+
+
+def test_a_new_version_of_an_adapter_replaces_the_loaded_one(server, client, trained, tmp_path):
+    """Retraining under the same name registers version N+1; the next load serves it (and back again)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    reg = Registry()
+    current = reg.get("answer-served")
+    base = AutoModelForCausalLM.from_pretrained(reg.get(current.parent).path)
+    torch.manual_seed(0)
+    other = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    for n, p in other.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, 0, 0.5)
+    other.save_pretrained(tmp_path / "other", safe_serialization=True)
+    reg.register("answer-served", tmp_path / "other", kind="adapter", parent=current.parent)
+    url = server.base_url + "/v1/load_lora_adapter"
+    r = httpx.post(url, json={"lora_name": trained}, timeout=120)
+    assert r.json()["entry"] == f"answer-served@{current.version + 1}"
+    assert _ask(client, trained) != ANSWER
+    reg.register("answer-served", current.path, kind="adapter", parent=current.parent)
+    assert httpx.post(url, json={"lora_name": trained}, timeout=120).json()["entry"] == f"answer-served@{current.version + 2}"
+    r = client.chat.completions.create(model=trained, messages=QUESTION, temperature=0, max_tokens=24)
+    assert r.choices[0].message.content == ANSWER and r.model == trained  # the response names what was asked for
