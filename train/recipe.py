@@ -108,7 +108,9 @@ class FinetuneRecipe:
             )
             self.model = self.engine
         else:
-            self.model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if self.world > 1 else None)
+            quantized = self.cfg.method == "lora" and self.cfg.lora.quantize != "none"  # already placed; .to() refuses
+            self.model = ray.train.torch.prepare_model(
+                model, move_to_device=not quantized, parallel_strategy="ddp" if self.world > 1 else None)
             self.optimizer = self._optimizer(trainable)
             self.scheduler = make_scheduler(self.optimizer)
         checkpoint = ray.train.get_checkpoint()

@@ -113,6 +113,26 @@ def _wait_for_step(run_root: Path, step: int, timeout_s: float = 240) -> Path:
     raise AssertionError(f"no run under {run_root} reached step {step} in {timeout_s}s")
 
 
+def test_merged_model_is_registered_as_a_full_model_that_answers_like_the_adapter(ray_cluster, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report = run_training(_cfg(tmp_path, "answer-merged", **{"output.merge": True}))
+    assert report.entry.startswith("answer-merged@")
+    entry = Registry().get(report.entry)
+    assert entry.kind == "base" and entry.config["merged"] and entry.parent.startswith("demo-tiny@")
+    assert "model.safetensors" in entry.files and "tokenizer.json" in entry.files
+    assert not any("adapter" in f for f in entry.files)
+    tok = AutoTokenizer.from_pretrained(entry.path)
+    model = AutoModelForCausalLM.from_pretrained(entry.path)
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Explain yield briefly."}], tokenize=False,
+                                             add_generation_prompt=True), add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+    assert tok.decode(out[0, len(ids):], skip_special_tokens=True) == ANSWER
+
+
 def _registered_steps(run_dir: Path) -> list[int]:
     """Checkpoints Ray Train has registered (its snapshot in the run directory): what a restart resumes from."""
     snap = run_dir / "checkpoint_manager_snapshot.json"
