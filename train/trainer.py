@@ -195,7 +195,9 @@ def run_training(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     _ensure_ray(address, cfg)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the step lines are the progress display
+    data_ctx = ray.data.DataContext.get_current()
+    data_ctx.enable_progress_bars = False  # the step lines are the progress display
+    data_ctx.print_on_execution_start = False
     datasets = {"train": ray.data.from_arrow(data.train), "eval": ray.data.from_arrow(data.eval)}
     job = {
         "model_path": model_path, "pad_id": tokenizer.pad_token_id, "total_steps": total_steps,
