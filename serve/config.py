@@ -72,9 +72,9 @@ class ModelConfig(ModelSpec):
     )
     kv_cache_gb: float = Field(1.0, gt=0, le=4096, description="KV-cache size on CPU machines (GiB).")
     max_loras: int = Field(
-        4, ge=0, le=256,
-        description="LoRA adapters one engine batch may mix; adapters from the registry load on first use "
-        "(`model: <name>:<adapter>`). 0 turns LoRA off.",
+        0, ge=0, le=256,
+        description="LoRA adapters a replica keeps loaded (least recently used evicted); adapters from the registry "
+        "load on first use (`model: <name>:<adapter>`). 0 (default) turns LoRA off: it costs engine throughput.",
     )
     max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
         16, description="Largest adapter rank the engine accepts (vLLM's allowed values)."
