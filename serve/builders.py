@@ -12,7 +12,6 @@ Example (a Serve config)::
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from pathlib import Path
@@ -24,8 +23,6 @@ from homefire.errors import ConfigError
 from homefire.registry import Registry
 from homefire.serve.config import AppConfig, ModelConfig
 
-logger = logging.getLogger(__name__)
-
 #: Streaming chunks leave the model replica at most this often after the first token.
 STREAM_INTERVAL_S = float(os.environ.get("HOMEFIRE_STREAM_INTERVAL_S", "0.05"))
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
@@ -36,24 +33,11 @@ def deployment_name(model: ModelConfig) -> str:
 
 
 def resolve_model(model: ModelConfig, registry: Registry) -> tuple[str, str]:
-    """(what the engine loads, the base's registry ref or path) for a registry ref, directory or hub id.
+    """(what the engine loads, the base's registry ref or path); demo models are built on demand."""
+    from homefire.models.build import resolve_source
 
-    The offline demo models are built on demand; their latest version is served, so once
-    ``homefire models build-demo`` has pretrained them the default app answers in English.
-    """
-    from homefire.models.build import DEMO_RECIPES, ensure_model
-
-    src = model.source
-    if src in DEMO_RECIPES and not Path(src).is_dir():
-        if not registry.versions(src):
-            ensure_model(DEMO_RECIPES[src], registry)
-            logger.warning("serving %s with random weights; `homefire models build-demo` makes it speak", src)
-        entry = registry.get(src)
-        return entry.path, entry.ref
-    path = registry.resolve_source(src)
-    if "/" not in src and not Path(src).expanduser().is_dir():
-        return path, registry.get(src).ref
-    return path, path
+    path, entry = resolve_source(model.source, registry)
+    return path, entry.ref if entry is not None else path
 
 
 def resolve_model_path(model: ModelConfig, registry: Registry) -> str:

@@ -93,16 +93,12 @@ def _ensure_ray(address: str | None, cfg: TrainConfig) -> None:
 
 def resolve_base(cfg: TrainConfig, registry: Registry) -> tuple[str, str, str]:
     """(path the workers load, lineage reference, content hash) of the base model."""
-    from homefire.models.build import DEMO_RECIPES, ensure_model
-    src = cfg.model.source
-    if src in DEMO_RECIPES and not Path(src).is_dir():
-        entry = ensure_model(DEMO_RECIPES[src], registry) if not (registry.root / src).is_dir() else registry.get(src)
-        return entry.path, entry.ref, entry.recipe_hash or _files_hash(entry.files)
-    path = registry.resolve_source(src)
-    if Path(path).is_dir() and "/" not in src and not Path(src).is_dir():
-        entry = registry.get(src)
-        return entry.path, entry.ref, entry.recipe_hash or _files_hash(entry.files)
-    return path, src, _dir_hash(path) if Path(path).is_dir() else "hub:" + src
+    from homefire.models.build import resolve_source
+
+    path, entry = resolve_source(cfg.model.source, registry)
+    if entry is not None:
+        return path, entry.ref, _files_hash(entry.files)
+    return path, cfg.model.source, _dir_hash(path) if Path(path).is_dir() else "hub:" + cfg.model.source
 
 
 def _files_hash(files: dict[str, str]) -> str:

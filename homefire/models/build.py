@@ -153,3 +153,22 @@ def ensure_model(recipe: ModelRecipe | str, registry: Registry | None = None) ->
         )
         shutil.rmtree(Path(tmp) / recipe.name, ignore_errors=True)
     return entry
+
+
+def resolve_source(source: str, registry: Registry | None = None) -> tuple[str, Entry | None]:
+    """(what to load, its registry entry or None) for a demo name, registry ref, directory or hub id.
+
+    A demo model is built on first use; a bare name means its newest version, so once
+    ``homefire models build-demo`` has pretrained it, serve and train use the pretrained one.
+    """
+    registry = registry or Registry()
+    if source in DEMO_RECIPES and not Path(source).is_dir():
+        if not registry.versions(source):
+            ensure_model(DEMO_RECIPES[source], registry)
+            logger.warning("%s has random weights; `homefire models build-demo` pretrains it", source)
+        entry = registry.get(source)
+        return entry.path, entry
+    path = registry.resolve_source(source)
+    if "/" not in source and not Path(source).expanduser().is_dir():
+        return path, registry.get(source)
+    return path, None
