@@ -35,6 +35,14 @@ def _flags_from_model(parser: argparse.ArgumentParser, model: type, fields: list
         )
 
 
+def _server_flags(parser: argparse.ArgumentParser) -> None:
+    """--url / --api-key of a running homefire server (train --serve, models load)."""
+    parser.add_argument("--url", default=f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_PORT}",
+                        help="a running homefire server")
+    parser.add_argument("--api-key", default=os.environ.get(constants.API_KEY_ENV),
+                        help="the server's API key (default $HOMEFIRE_API_KEY)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from homefire.serve.config import ServerConfig
 
@@ -85,9 +93,7 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.lr=1e-4 (YAML value syntax)")
     t.add_argument("--serve", action="store_true", help="load the trained adapter into the running server at --url")
-    t.add_argument("--url", default=f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_PORT}",
-                   help="a running homefire server (for --serve)")
-    t.add_argument("--api-key", default=os.environ.get(constants.API_KEY_ENV), help="the server's API key (for --serve; default $HOMEFIRE_API_KEY)")
+    _server_flags(t)
 
     m = sub.add_parser("models", help="build / pretrain the offline demo models; list the registry; load an adapter")
     msub = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -104,8 +110,7 @@ def _build_parser() -> argparse.ArgumentParser:
     msub.add_parser("list", help="list registry entries")
     ld = msub.add_parser("load", help="make a running server serve a registered adapter (BASE:ADAPTER)")
     ld.add_argument("ref", help="BASE:ADAPTER, e.g. demo-tiny:homefire-answer")
-    ld.add_argument("--url", default=f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_PORT}", help="the server")
-    ld.add_argument("--api-key", default=os.environ.get(constants.API_KEY_ENV), help="API key (default $HOMEFIRE_API_KEY)")
+    _server_flags(ld)
     return p
 
 

@@ -74,15 +74,12 @@ class Registry:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root or constants.REGISTRY_DIR)
 
-    def _versions(self, name: str) -> list[int]:
+    def versions(self, name: str) -> list[int]:
+        """The versions of ``name`` (ascending); empty when there is none."""
         d = self.root / name
         if not d.is_dir():
             return []
         return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "entry.json").is_file())
-
-    def versions(self, name: str) -> list[int]:
-        """The versions of ``name`` (ascending); empty when there is none."""
-        return self._versions(name)
 
     def _load(self, name: str, version: int) -> Entry:
         data = json.loads((self.root / name / str(version) / "entry.json").read_text())
@@ -93,7 +90,7 @@ class Registry:
             return []
         out = []
         for d in sorted(self.root.iterdir()):
-            for v in self._versions(d.name):
+            for v in self.versions(d.name):
                 out.append(self._load(d.name, v))
         return out
 
@@ -102,14 +99,14 @@ class Registry:
         name, version, adapter = parse_ref(ref)
         if adapter is not None:
             name = adapter
-        versions = self._versions(name)
+        versions = self.versions(name)
         if not versions or (version is not None and version not in versions):
             known = ", ".join(e.ref for e in self.list()) or "none"
             raise ModelNotFound(f"registry entry '{ref}' not found in {self.root}; entries: {known}")
         return self._load(name, version if version is not None else versions[-1])
 
     def find_by_recipe(self, name: str, recipe_hash: str) -> Entry | None:
-        for v in reversed(self._versions(name)):
+        for v in reversed(self.versions(name)):
             e = self._load(name, v)
             if e.recipe_hash == recipe_hash:
                 return e
@@ -138,7 +135,7 @@ class Registry:
         shutil.copytree(src, tmp / "files")
         files = {str(p.relative_to(tmp / "files")): sha256_file(p) for p in sorted((tmp / "files").rglob("*")) if p.is_file()}
         for _ in range(100):  # another writer may take the same version: retry with the next one
-            version = (self._versions(name) or [0])[-1] + 1
+            version = (self.versions(name) or [0])[-1] + 1
             final = self.root / name / str(version)
             entry = Entry(
                 name=name, version=version, kind=kind, path=str(final / "files"), files=files, parent=parent,

@@ -40,10 +40,6 @@ def resolve_model(model: ModelConfig, registry: Registry) -> tuple[str, str]:
     return path, entry.ref if entry is not None else path
 
 
-def resolve_model_path(model: ModelConfig, registry: Registry) -> str:
-    return resolve_model(model, registry)[0]
-
-
 def _model_options(m: ModelConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "name": deployment_name(m),

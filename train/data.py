@@ -180,7 +180,7 @@ def _pack(docs: list[list[int]], max_length: int) -> list[tuple[list[int], list[
     return [(b, b) for b in blocks]
 
 
-def _encode_rows(rows: list[Row], fmt: str, tokenizer, max_length: int, stats: dict) -> tuple[list, list, list]:
+def _encode_rows(rows: list[Row], fmt: str, tokenizer, max_length: int, stats: dict) -> tuple[list, list]:
     examples, docs, raw = [], [], []
     for row in rows:
         f = row_format(row, fmt)
@@ -206,7 +206,7 @@ def _encode_rows(rows: list[Row], fmt: str, tokenizer, max_length: int, stats: d
         raw.append({"messages": msgs[:-1], "reference": msgs[-1]["content"], "where": row.where})
     stats["packed_tokens"] += sum(len(d) for d in docs)
     examples += _pack(docs, max_length)
-    return examples, raw, docs
+    return examples, raw
 
 
 def _hash_files(paths: list[str]) -> str:
@@ -237,8 +237,8 @@ def prepare_data(spec, tokenizer, rows: list[Row] | None = None, eval_rows: list
         n_eval = max(1, round(len(shuffled) * spec.eval_fraction)) if len(shuffled) > 1 else 0
         eval_rows, rows = shuffled[:n_eval], shuffled[n_eval:]
     stats = {"truncated": 0, "dropped_no_target": 0, "packed_tokens": 0, "max_length": spec.max_length}
-    train, _, _ = _encode_rows(rows, spec.format, tokenizer, spec.max_length, stats)
-    ev, raw_eval, _ = _encode_rows(eval_rows or [], spec.format, tokenizer, spec.max_length, stats)
+    train, _ = _encode_rows(rows, spec.format, tokenizer, spec.max_length, stats)
+    ev, raw_eval = _encode_rows(eval_rows or [], spec.format, tokenizer, spec.max_length, stats)
     if not train:
         raise DataError(
             f"{spec.train}: no training examples after tokenization ({len(rows)} rows; {stats['dropped_no_target']} had "

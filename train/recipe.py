@@ -162,8 +162,7 @@ class FinetuneRecipe:
 
     @property
     def unwrapped(self):
-        m = self.model.module if hasattr(self.model, "module") else self.model
-        return m
+        return self.model.module if hasattr(self.model, "module") else self.model
 
     # ---------------------------------------------------------------- train
     def _batches(self, split: str, epoch: int):
@@ -264,13 +263,13 @@ class FinetuneRecipe:
         import torch
 
         self.model.eval()
+        # The bare module: DDP's forward would sync buffers, and ranks may hold different batch counts.
+        model = self.model if self.engine is not None else self.unwrapped
         total_loss, total_tokens = 0.0, 0
         with torch.no_grad():
             for n, batch in enumerate(self._batches("eval", 0)):
                 if self.cfg.eval.max_batches and n >= self.cfg.eval.max_batches:
                     break
-                # The bare module: DDP's forward would sync buffers, and ranks may hold different batch counts.
-                model = self.model if self.engine is not None else self.unwrapped
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 out = model(**batch)
                 ntgt = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -50,9 +50,9 @@ def test_instruction_and_prompt_completion_rows_become_chats(tmp_path, tok):
     ] * 5)
     data = prepare_data(DataSpec(train=str(f), eval_fraction=0.2), tok)
     assert data.stats["train_examples"] == 8 and data.stats["eval_examples"] == 2
-    refs = {e["reference"] for e in data.eval_examples}
-    assert refs <= {"cba", "4"}
-    assert any("Reverse\n\nabc" == e["messages"][-1]["content"] for e in data.eval_examples) or "4" in refs
+    for e in data.eval_examples:  # `input` is appended to the instruction; the output is the reference
+        prompt = {"cba": "Reverse\n\nabc", "4": "2+2?"}[e["reference"]]
+        assert e["messages"] == [{"role": "user", "content": prompt}]
 
 
 def test_truncation_is_counted_and_answerless_rows_dropped(tmp_path, tok):
