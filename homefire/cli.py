@@ -3,8 +3,9 @@
     homefire serve [CONFIG]      serve models behind an OpenAI-compatible API (default: the offline demo)
     homefire status              replicas running / starting / pending per model
     homefire train CONFIG        fine-tune (LoRA or full) on Ray Train; --serve hands the adapter to a running server
-    homefire models build|build-demo|list|load
-                                 build / pretrain the offline demo models; list the registry; load an adapter
+    homefire models build|build-demo|convert|list|load
+                                 build / pretrain the offline demo models; make ONNX / GGUF / vLLM-quantized
+                                 variants; list the registry as a tree; load an adapter
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from homefire import __version__, constants
@@ -107,7 +109,21 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     bd.add_argument("names", nargs="*", help="demo model names (default: all)")
     bd.add_argument("--address", help="Ray cluster to run on; default: a local Ray")
-    msub.add_parser("list", help="list registry entries")
+    from homefire.convert import TARGETS
+
+    cv = msub.add_parser(
+        "convert", help="make an optimized format of a model (ONNX, GGUF, vLLM int8/int4) as a new registry entry",
+        description="Convert a Hugging Face model (a registry entry, a demo name or a directory) into a format "
+        "another engine serves, registered as a new entry whose parent is the source. Serve it with "
+        "`engine: onnx` (onnx-*), `engine: llamacpp` (gguf-*) or `engine: vllm` (vllm-*).",
+        epilog="formats:\n" + "\n".join(f"  {k:<11} {t.about}" for k, t in TARGETS.items())
+        + "\n\nexample:\n  homefire models convert demo --to gguf-q8_0     # -> entry demo-gguf-q8_0",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cv.add_argument("source", help="registry entry (demo, demo@2), demo model name, or model directory")
+    cv.add_argument("--to", required=True, choices=list(TARGETS), metavar="FORMAT", help="target format (see below)")
+    cv.add_argument("--name", help="name of the new entry (default: SOURCE-FORMAT)")
+    msub.add_parser("list", help="list registry entries as a tree (variants and adapters under their parent)")
     ld = msub.add_parser("load", help="make a running server serve a registered adapter (BASE:ADAPTER)")
     ld.add_argument("ref", help="BASE:ADAPTER, e.g. demo-tiny:homefire-answer")
     _server_flags(ld)
@@ -306,6 +322,27 @@ def _load_adapter(url: str, ref: str, api_key: str | None) -> None:
     print(f"serving {body.get('model', ref)} at {url}/v1 (model=\"{ref}\")", flush=True)
 
 
+def _print_tree(entries: list) -> None:
+    """Entries under their parents: base models, then their versions' variants and adapters, indented."""
+    refs = {e.ref for e in entries}
+    children: dict[str | None, list] = {}
+    for e in entries:
+        children.setdefault(e.parent if e.parent in refs else None, []).append(e)
+
+    def show(e, depth: int) -> None:
+        root = Path(e.path)
+        size = sum((root / f).stat().st_size for f in e.files if (root / f).is_file())
+        extra = f"{size / 1e6:.1f} MB" if size else ""
+        origin = "" if e.parent is None or e.parent in refs else f"from {e.parent}"
+        print(f"{'  ' * depth}{e.ref:<{30 - 2 * depth}} {e.kind:<10} {e.format:<19} {extra:<9} {origin}".rstrip())
+        for c in children.get(e.ref, []):
+            show(c, depth + 1)
+
+    print(f"{'ENTRY':<30} {'KIND':<10} {'FORMAT':<19} SIZE")
+    for e in children.get(None, []):
+        show(e, 0)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from homefire.registry import Registry
 
@@ -314,9 +351,15 @@ def cmd_models(args: argparse.Namespace) -> int:
         entries = reg.list()
         if not entries:
             print(f"registry {reg.root} is empty; run `homefire models build`")
-        for e in entries:
-            parent = f"from {e.parent}" if e.parent else ""
-            print(f"{e.ref:<28} {e.kind:<9} {parent:<22} {e.path}")
+        else:
+            _print_tree(entries)
+        return 0
+    if args.models_command == "convert":
+        from homefire.convert import convert
+
+        print(f"converting {args.source} to {args.to} ...", flush=True)
+        e = convert(args.source, args.to, reg, name=args.name)
+        print(f"{e.ref}  ({e.format}, {e.metrics['size_bytes'] / 1e6:.1f} MB, {e.metrics['convert_s']:.0f}s)  {e.path}")
         return 0
     if args.models_command == "load":
         if ":" not in args.ref:

@@ -42,38 +42,66 @@ class ModelSpec(StrictModel):
     )
 
 
-def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Walk the model fields along ``loc`` and return the keys allowed at its parent."""
-    current: Any = model
-    for part in loc[:-1]:
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The BaseModel classes an annotation can hold (through Optional, list, Union, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found += [m for m in _models_in(arg) if m not in found]
+    origin = getattr(annotation, "__origin__", None)
+    if origin is not None and not found:
+        found = _models_in(origin) if isinstance(origin, type) else []
+    return found
+
+
+def _is_tag(model: type[BaseModel], value: str) -> bool:
+    """Whether ``value`` is the discriminator tag of ``model`` (a Literal field that allows only it)."""
+    for f in model.model_fields.values():
+        if getattr(f.annotation, "__origin__", None) is Literal and f.annotation.__args__ == (value,):
+            return True
+    return False
+
+
+def _walk(model: type[BaseModel], loc: tuple) -> tuple[tuple, list[str]]:
+    """Follow ``loc`` through nested models: (loc without union tags, the keys allowed at its last parent)."""
+    current: list[type[BaseModel]] = [model]
+    shown: list = []
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
         if isinstance(part, int):
+            shown.append(part)
             continue
-        field = getattr(current, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        for candidate in (ann, *getattr(ann, "__args__", ())):
-            inner = getattr(candidate, "__args__", None)
-            for c in (candidate, *(inner or ())):
-                if isinstance(c, type) and issubclass(c, BaseModel):
-                    current = c
-                    break
-    return sorted(getattr(current, "model_fields", {}))
+        tagged = [m for m in current if len(current) > 1 and _is_tag(m, part)]
+        if tagged:
+            current = tagged  # a discriminated union's tag: pydantic puts it in the path, users never write it
+            continue
+        shown.append(part)
+        if last:
+            break
+        fields = [m.model_fields[part] for m in current if part in m.model_fields]
+        current = _models_in(fields[0].annotation) if fields else []
+    allowed = sorted({k for m in current for k in m.model_fields}) if len(current) == 1 else []
+    return tuple(shown), allowed
 
 
 def format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
     """One line per problem: ``key: what is wrong (got X). Fix: ...``."""
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        loc = tuple(e["loc"])
+        loc, allowed = _walk(model, tuple(e["loc"]))
         key = ".".join(str(p) for p in loc) or "<root>"
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(model, loc)
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             lines.append(f"  {key}: unknown key. Fix: {hint}allowed keys here: {', '.join(allowed)}")
+        elif e["type"] == "invalid_engine":
+            got = e["input"].get("engine") if isinstance(e["input"], dict) else e["input"]
+            lines.append(f"  {key}.engine: {got!r} is not an engine. Fix: {e['msg'].split('; ')[-1]}")
         elif e["type"] == "missing":
             lines.append(f"  {key}: required key is missing. Fix: add '{loc[-1]}'")
+        elif e["type"] == "value_error" and "fix:" in e["msg"].lower():  # our own checks already say the fix
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
         else:
             got = e.get("input")
             got_s = repr(got) if not isinstance(got, dict) else "a mapping"

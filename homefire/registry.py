@@ -25,7 +25,14 @@ from typing import Any, Literal
 from homefire import constants
 from homefire.errors import ConfigError, ModelNotFound
 
-Kind = Literal["base", "adapter", "quantized", "pruned", "distilled"]
+Kind = Literal["base", "adapter", "quantized", "converted", "pruned", "distilled"]
+#: What an entry's files are, and so which engine can serve them.
+Format = Literal["hf", "peft-adapter", "onnx", "gguf", "compressed-tensors"]
+#: The engines that serve each format.
+FORMAT_ENGINES: dict[str, tuple[str, ...]] = {
+    "hf": ("vllm",), "peft-adapter": ("vllm",), "onnx": ("onnx",), "gguf": ("llamacpp",),
+    "compressed-tensors": ("vllm",),
+}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _REF_RE = re.compile(r"^(?P<name>[^@:]+)(?:@(?P<version>\d+))?(?::(?P<adapter>[^@:]+))?$")
 
@@ -45,10 +52,31 @@ class Entry:
     run: str | None = None
     recipe_hash: str | None = None
     created: float = 0.0
+    #: hf | peft-adapter | onnx | gguf | compressed-tensors (entries written before formats existed are hf/adapters).
+    format: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.format:
+            object.__setattr__(self, "format", "peft-adapter" if self.kind == "adapter" else "hf")
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+
+def detect_format(path: str | Path) -> str:
+    """The format of a model on disk that is not a registry entry (a plain path)."""
+    p = Path(path)
+    if p.suffix == ".gguf" or (p.is_dir() and any(p.glob("*.gguf"))):
+        return "gguf"
+    if (p / "genai_config.json").is_file():
+        return "onnx"
+    if (p / "adapter_config.json").is_file():
+        return "peft-adapter"
+    cfg = p / "config.json"
+    if cfg.is_file() and "compressed-tensors" in json.dumps(json.loads(cfg.read_text()).get("quantization_config", {})):
+        return "compressed-tensors"
+    return "hf"
 
 
 def sha256_file(path: Path) -> str:
@@ -123,8 +151,10 @@ class Registry:
         config: dict | None = None,
         run: str | None = None,
         recipe_hash: str | None = None,
+        format: Format | None = None,
+        move: bool = False,
     ) -> Entry:
-        """Copy the files of directory ``src`` into a new version of ``name``."""
+        """Copy (or with ``move``, move) the files of directory ``src`` into a new version of ``name``."""
         if not _NAME_RE.match(name):
             raise ConfigError(f"entry name '{name}' is invalid. Fix: use letters, digits, '.', '_' or '-' (max 64)")
         src = Path(src)
@@ -132,7 +162,10 @@ class Registry:
             raise ConfigError(f"cannot register '{name}': {src} is not a directory")
         (self.root / name).mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.root / name))
-        shutil.copytree(src, tmp / "files")
+        if move:
+            shutil.move(str(src), tmp / "files")
+        else:
+            shutil.copytree(src, tmp / "files")
         files = {str(p.relative_to(tmp / "files")): sha256_file(p) for p in sorted((tmp / "files").rglob("*")) if p.is_file()}
         for _ in range(100):  # another writer may take the same version: retry with the next one
             version = (self.versions(name) or [0])[-1] + 1
@@ -140,6 +173,7 @@ class Registry:
             entry = Entry(
                 name=name, version=version, kind=kind, path=str(final / "files"), files=files, parent=parent,
                 metrics=metrics or {}, config=config or {}, run=run, recipe_hash=recipe_hash, created=time.time(),
+                format=format or "",
             )
             (tmp / "entry.json").write_text(json.dumps(asdict(entry), indent=2, sort_keys=True))
             try:
@@ -152,7 +186,7 @@ class Registry:
     def resolve_source(self, source: str) -> str:
         """Turn a model source (registry ref, local path or hub id) into what an engine loads."""
         p = Path(source).expanduser()
-        if p.is_dir():
+        if p.is_dir() or (p.is_file() and p.suffix == ".gguf"):
             return str(p.resolve())
         if source.startswith(("/", "./", "~")):
             raise ModelNotFound(f"model path {source} does not exist. Fix: build or copy the model there first")

@@ -10,6 +10,19 @@ if __name__ != "homefire.serve":  # the folder is mapped into the homefire names
     )
 
 from homefire.serve.builders import build_app, load_app_config
-from homefire.serve.config import AppConfig, AutoscalingConfig, ModelConfig, ServerConfig
+from homefire.serve.config import (
+    AppConfig,
+    AutoscalingConfig,
+    LlamaCppModelConfig,
+    MockModelConfig,
+    ModelConfig,
+    OnnxModelConfig,
+    ServerConfig,
+    VLLMModelConfig,
+    model_config,
+)
 
-__all__ = ["AppConfig", "AutoscalingConfig", "ModelConfig", "ServerConfig", "build_app", "load_app_config"]
+__all__ = [
+    "AppConfig", "AutoscalingConfig", "LlamaCppModelConfig", "MockModelConfig", "ModelConfig", "OnnxModelConfig",
+    "ServerConfig", "VLLMModelConfig", "build_app", "load_app_config", "model_config",
+]

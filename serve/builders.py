@@ -20,27 +20,43 @@ from typing import Any
 from homefire import constants
 from homefire.config import load_yaml, validate_config
 from homefire.errors import ConfigError
-from homefire.registry import Registry
-from homefire.serve.config import AppConfig, ModelConfig
+from homefire.registry import FORMAT_ENGINES, Registry, detect_format
+from homefire.serve.config import AnyModelConfig, AppConfig
 
 #: Streaming chunks leave the model replica at most this often after the first token.
 STREAM_INTERVAL_S = float(os.environ.get("HOMEFIRE_STREAM_INTERVAL_S", "0.05"))
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
 
-def deployment_name(model: ModelConfig) -> str:
+def deployment_name(model: AnyModelConfig) -> str:
     return "model-" + model.name.replace("/", "--")
 
 
-def resolve_model(model: ModelConfig, registry: Registry) -> tuple[str, str]:
-    """(what the engine loads, the base's registry ref or path); demo models are built on demand."""
+def resolve_model(model: AnyModelConfig, registry: Registry) -> tuple[str, str]:
+    """(what the engine loads, the base's registry ref or path); demo models are built on demand.
+
+    Raises:
+        ConfigError: the source's format (hf, onnx, gguf, ...) is not one the model's engine runs.
+    """
     from homefire.models.build import resolve_source
 
     path, entry = resolve_source(model.source, registry)
+    local = Path(path).exists()
+    fmt = entry.format if entry is not None else detect_format(path) if local else "hf"
+    engines = FORMAT_ENGINES.get(fmt, ())
+    if model.engine != "mock" and model.engine not in engines:
+        fix = (f"set engine: {engines[0]}" if engines else "serve a model entry, not an adapter")
+        if fmt == "hf":
+            fix += f", or make a {model.engine} format first: homefire models convert {model.source} --to " + (
+                "onnx-int4" if model.engine == "onnx" else "gguf-q8_0")
+        raise ConfigError(
+            f"model '{model.name}': source '{model.source}' is a {fmt} model, which engine '{model.engine}' cannot "
+            f"run. Fix: {fix}"
+        )
     return path, entry.ref if entry is not None else path
 
 
-def _model_options(m: ModelConfig) -> dict[str, Any]:
+def _model_options(m: AnyModelConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "name": deployment_name(m),
         "ray_actor_options": {"num_cpus": m.cpus, "num_gpus": m.gpus},

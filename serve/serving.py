@@ -37,26 +37,16 @@ def _sse(obj: dict) -> str:
 class OpenAIServing:
     """Turns validated OpenAI requests into engine calls and engine deltas into OpenAI responses."""
 
-    def __init__(self, model_name: str, engine: Engine, tokenizer: Any, stream_interval_s: float = 0.0):
+    def __init__(self, model_name: str, engine: Engine, stream_interval_s: float = 0.0):
         self.model_name = model_name
         self.engine = engine
-        self.tokenizer = tokenizer
+        self.tokenizer = engine.tokenizer
         self.stream_interval_s = stream_interval_s
-        self.vocab_size = len(tokenizer)
+        self.vocab_size = self.tokenizer.vocab_size
 
     # ------------------------------------------------------------------ prompts
     def render_chat(self, req: ChatCompletionRequest) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequest(
-                f"model '{self.model_name}' has no chat template; use /v1/completions with a plain prompt",
-                param="messages",
-            )
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as err:  # a template may reject a role order (e.g. two system messages)
-            raise InvalidRequest(f"the model's chat template rejected the messages: {err}", param="messages") from err
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.render_chat([{"role": m.role, "content": m.text()} for m in req.messages])
 
     def render_prompt(self, req: CompletionRequest) -> list[int]:
         prompt = req.prompt
@@ -68,7 +58,29 @@ class OpenAIServing:
                 )
             return list(prompt)
         text = prompt[0] if isinstance(prompt, list) else prompt
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text)
+
+    def check_capabilities(self, req: ChatCompletionRequest | CompletionRequest, adapter: str | None) -> None:
+        """Refuse with a 400 naming the field what this model's engine cannot do (instead of ignoring it)."""
+        caps = self.engine.capabilities
+        fmt = getattr(req, "response_format", None)
+        refused = [
+            ("model", adapter is not None and not caps.lora, "LoRA adapters"),
+            ("n", req.n > 1 and not caps.n, "n > 1"),
+            ("response_format", fmt is not None and fmt.type != "text" and not caps.structured_output,
+             "structured output"),
+            ("presence_penalty", req.presence_penalty != 0 and not caps.penalties, "presence_penalty"),
+            ("frequency_penalty", req.frequency_penalty != 0 and not caps.penalties, "frequency_penalty"),
+            ("min_tokens", req.min_tokens > 0 and not caps.min_tokens, "min_tokens"),
+            ("ignore_eos", req.ignore_eos and not caps.min_tokens, "ignore_eos"),
+        ]
+        for param, bad, what in refused:
+            if bad:
+                raise InvalidRequest(
+                    f"{param}: model '{self.model_name}' runs on an engine without {what}; "
+                    "remove the field or send the request to a model served by vLLM",
+                    param=param, code="unsupported_by_engine",
+                )
 
     def sampling(self, req: ChatCompletionRequest | CompletionRequest, prompt_len: int, field: str) -> SamplingSpec:
         limit = self.engine.max_model_len
@@ -116,6 +128,7 @@ class OpenAIServing:
             yield item
 
     async def _respond(self, req, ids: list[int], field: str, prefix: str, shapes, adapter, received: float, token_chunk: int):
+        self.check_capabilities(req, adapter)
         spec = self.sampling(req, len(ids), field)
         rid = f"{prefix}-{uuid.uuid4().hex}"
         yield ACCEPTED

@@ -2,8 +2,8 @@
 placement, errors, metrics). It uses the model's real tokenizer and emits pseudo-random
 tokens at a configurable pace; it never claims to be a model.
 
-``engine_args`` it reads: ``token_delay_s`` (default 0.005), ``start_delay_s`` (0),
-``max_model_len`` (512), ``fail_after_tokens`` (none: raise mid-stream after that many).
+Its settings (:class:`~homefire.serve.config.MockModelConfig`): ``token_delay_s``,
+``start_delay_s``, ``fail_after_tokens`` (raise mid-stream after that many), ``max_model_len`` (512).
 """
 
 from __future__ import annotations
@@ -14,20 +14,23 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from homefire.errors import AdapterNotFound, EngineError, EngineStartTimeout
-from homefire.serve.config import ModelConfig
-from homefire.serve.engines.protocol import Delta, SamplingSpec
+from homefire.serve.config import MockModelConfig
+from homefire.serve.engines.protocol import Capabilities, Delta, SamplingSpec
+from homefire.serve.engines.text import HFTokenizer
 
 _WORDS = "the a model token replica serve ray engine fire home quick brown fox jumps over lazy dog".split()
 
 
 class MockEngine:
-    def __init__(self, cfg: ModelConfig, model_path: str):
-        args = cfg.engine_args
+    capabilities = Capabilities(lora=True, structured_output=False, n=True, penalties=True, min_tokens=True)
+
+    def __init__(self, cfg: MockModelConfig, model_path: str):
         self.cfg = cfg
-        self.token_delay_s = float(args.get("token_delay_s", 0.005))
-        self.start_delay_s = float(args.get("start_delay_s", 0.0))
-        self.fail_after_tokens = args.get("fail_after_tokens")
-        self.max_model_len = int(cfg.max_model_len or args.get("max_model_len", 512))
+        self.model_path = model_path
+        self.token_delay_s = cfg.token_delay_s
+        self.start_delay_s = cfg.start_delay_s
+        self.fail_after_tokens = cfg.fail_after_tokens
+        self.max_model_len = cfg.max_model_len or 512
         self._adapters: dict[str, str] = {}
         self._running = 0
         self._started = False
@@ -37,6 +40,7 @@ class MockEngine:
             await asyncio.sleep(timeout_s)
             raise EngineStartTimeout(f"mock engine did not start within {timeout_s}s")
         await asyncio.sleep(self.start_delay_s)
+        self.tokenizer = HFTokenizer(self.model_path, self.cfg.trust_remote_code, name=self.cfg.name)
         self._started = True
 
     async def generate(

@@ -2,8 +2,10 @@
 
 Every engine (vLLM first; llama.cpp and ONNX Runtime for CPU-optimised variants; the
 mock engine for tests of the layers above) implements :class:`Engine`. The OpenAI layer
-(:mod:`homefire.serve.serving`) is engine-agnostic: it renders prompts with the model's
-tokenizer, validates lengths, and turns :class:`Delta` streams into OpenAI responses.
+(:mod:`homefire.serve.serving`) is engine-agnostic: it renders prompts with the engine's
+:class:`Tokenizer` (a GGUF file carries its own; the others read the model directory),
+refuses what the engine's :class:`Capabilities` say it cannot do with a 400 naming the
+field, validates lengths, and turns :class:`Delta` streams into OpenAI responses.
 
 Streaming contract
     ``generate`` is an async iterator of :class:`Delta`. Each delta carries the *new*
@@ -58,12 +60,54 @@ class Delta:
     finish_reason: str | None = None
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can do beyond plain sampling; the OpenAI layer refuses the rest with a 400."""
+
+    #: Serves LoRA adapters (`model: name:adapter`).
+    lora: bool = False
+    #: Constrains output to a JSON schema / any JSON object (`response_format`).
+    structured_output: bool = False
+    #: More than one choice per request (`n > 1`).
+    n: bool = True
+    #: `presence_penalty` / `frequency_penalty`.
+    penalties: bool = True
+    #: `min_tokens` and `ignore_eos` (vLLM extensions; benchmark clients send them).
+    min_tokens: bool = True
+
+
+class Tokenizer(Protocol):
+    """Text <-> token ids and chat rendering, as the engine that serves the model sees them."""
+
+    #: Number of token ids the model accepts.
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+        ...
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of ``messages`` through the model's chat template, ending with the assistant's turn.
+
+        Raises InvalidRequest (param ``messages``) when the model has no template or the template refuses them.
+        """
+        ...
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids`` (special tokens skipped)."""
+        ...
+
+
 @runtime_checkable
 class Engine(Protocol):
     """An inference engine living inside one Serve replica."""
 
     #: Context length in tokens (prompt + completion).
     max_model_len: int
+    #: What the engine can do; the OpenAI layer checks requests against it.
+    capabilities: Capabilities
+    #: The model's tokenizer as this engine sees it (valid once ``start`` returned).
+    tokenizer: Tokenizer
 
     async def start(self, timeout_s: float) -> None:
         """Load the model; raise EngineStartTimeout after ``timeout_s``."""

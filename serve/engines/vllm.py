@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from homefire.errors import AdapterNotFound, EngineError, EngineStartTimeout, InvalidRequest
-from homefire.serve.config import ModelConfig
-from homefire.serve.engines.protocol import Delta, SamplingSpec
+from homefire.serve.config import VLLMModelConfig
+from homefire.serve.engines.protocol import Capabilities, Delta, SamplingSpec
+from homefire.serve.engines.text import HFTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,9 @@ def cuda_available() -> bool:
 class VLLMEngine:
     """vLLM's ``AsyncLLM`` behind the homefire engine protocol."""
 
-    def __init__(self, cfg: ModelConfig, model_path: str):
+    capabilities = Capabilities(lora=True, structured_output=True, n=True, penalties=True, min_tokens=True)
+
+    def __init__(self, cfg: VLLMModelConfig, model_path: str):
         self.cfg = cfg
         self.model_path = model_path
         self.max_model_len = cfg.max_model_len or 0
@@ -76,6 +79,7 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = self._engine_args()
+        self.tokenizer = HFTokenizer(self.model_path, self.cfg.trust_remote_code, name=self.cfg.name)
         try:
             # Building the engine blocks (it spawns and waits for the engine-core process): keep the loop free.
             self._engine = await asyncio.wait_for(asyncio.to_thread(AsyncLLM.from_engine_args, args), timeout_s)

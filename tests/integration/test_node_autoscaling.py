@@ -75,7 +75,7 @@ def test_gpu_replicas_bring_gpu_nodes_and_idle_nodes_go_away(tiny_model_path):
         serve._run(build_app({
             "models": [{
                 "name": "gpu-model", "source": tiny_model_path, "engine": "mock", "gpus": 1, "cpus": 0.5,
-                "engine_args": {"token_delay_s": 0.05},
+                "token_delay_s": 0.05,
                 "autoscaling": {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 1,
                                 "upscale_delay_s": 0, "downscale_delay_s": 2, "metrics_interval_s": 0.5,
                                 "look_back_period_s": 1},

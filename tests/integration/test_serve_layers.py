@@ -22,8 +22,7 @@ pytestmark = pytest.mark.integration
 
 
 def _mock(name, **kw):
-    engine_args = kw.pop("engine_args", {})
-    return {"name": name, "source": "demo-tiny", "engine": "mock", "cpus": 0.1, "engine_args": engine_args, **kw}
+    return {"name": name, "source": "demo-tiny", "engine": "mock", "cpus": 0.1, **kw}
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +36,11 @@ def cluster(tiny_model_path):
                 _mock("auto", autoscaling={
                     "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2,
                     "upscale_delay_s": 0, "downscale_delay_s": 3, "metrics_interval_s": 0.5, "look_back_period_s": 1,
-                }, engine_args={"token_delay_s": 0.05}),
+                }, token_delay_s=0.05),
                 _mock("zero", autoscaling={"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 600}),
                 _mock("never-ready", autoscaling={"min_replicas": 0, "max_replicas": 1},
-                      engine_args={"start_delay_s": 3600}),
-                _mock("flaky", engine_args={"fail_after_tokens": 3}),
+                      start_delay_s=3600),
+                _mock("flaky", fail_after_tokens=3),
             ],
             "server": {"cold_start_timeout_s": 20},
         },

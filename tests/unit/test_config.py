@@ -99,3 +99,33 @@ def test_serve_config_with_two_homefire_apps_is_refused(tmp_path):
     p.write_text(yaml.safe_dump({"applications": [app, app]}))
     with pytest.raises(ConfigError, match="exactly one application"):
         app_config_from_file(p)
+
+
+def test_engine_settings_are_typed_per_engine():
+    cfg = validate_config(AppConfig, {"models": [
+        {"name": "a", "source": "d"},
+        {"name": "b", "source": "d", "engine": "onnx", "max_concurrency": 2},
+        {"name": "c", "source": "d", "engine": "llamacpp", "slots": 2, "threads": 1},
+    ]})
+    assert [type(m).__name__ for m in cfg.models] == ["VLLMModelConfig", "OnnxModelConfig", "LlamaCppModelConfig"]
+    assert cfg.models[1].max_concurrency == 2 and cfg.models[2].slots == 2
+
+
+def test_a_vllm_setting_on_another_engine_names_the_key_and_the_allowed_ones():
+    msg = _err({"models": [{"name": "a", "source": "d", "engine": "llamacpp", "max_loras": 2}]})
+    assert "models.0.max_loras: unknown key" in msg and "slots" in msg and "llamacpp" not in msg.split("allowed")[0]
+
+
+def test_unknown_engine_lists_the_engines():
+    msg = _err({"models": [{"name": "a", "source": "d", "engine": "tgi"}]})
+    assert "models.0" in msg and "vllm, onnx, llamacpp, mock" in msg
+
+
+def test_engine_args_cannot_undo_homefire_settings():
+    msg = _err({"models": [{"name": "a", "source": "d", "engine_args": {"max_model_len": 99}}]})
+    assert "engine_args.max_model_len is set by homefire" in msg and "set `max_model_len` on the model" in msg
+
+
+def test_gpu_providers_need_gpus():
+    msg = _err({"models": [{"name": "a", "source": "d", "engine": "onnx", "provider": "tensorrt"}]})
+    assert "provider 'tensorrt' runs on an NVIDIA GPU" in msg and "gpus: 1" in msg

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from homefire.errors import InvalidRequest
-from homefire.serve.config import ModelConfig
+from homefire.serve.config import MockModelConfig
 from homefire.serve.engines.mock import MockEngine
 from homefire.serve.ingress import parse_request
 from homefire.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -17,16 +17,15 @@ from homefire.serve.serving import ACCEPTED, OpenAIServing
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_path):
-    from transformers import AutoTokenizer
+    """The model path: the mock engine loads its tokenizer from there."""
+    return tiny_model_path
 
-    return AutoTokenizer.from_pretrained(tiny_model_path)
 
-
-def _serving(tokenizer, interval=0.0, **engine_args):
-    cfg = ModelConfig(name="m", source="x", engine="mock", engine_args={"token_delay_s": 0.001, **engine_args})
-    engine = MockEngine(cfg, "x")
+def _serving(model_path, interval=0.0, **settings):
+    cfg = MockModelConfig(name="m", source="x", engine="mock", **{"token_delay_s": 0.001, **settings})
+    engine = MockEngine(cfg, model_path)
     asyncio.run(engine.start(5))
-    return OpenAIServing("m", engine, tokenizer, stream_interval_s=interval)
+    return OpenAIServing("m", engine, stream_interval_s=interval)
 
 
 def _run(gen):
