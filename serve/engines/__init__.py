@@ -11,11 +11,15 @@ from homefire.serve.engines.protocol import Delta, Engine, SamplingSpec
 #: kind -> "module:Class". `mock` is the test engine for the layers above the engine seam.
 ENGINES = {
     "vllm": "homefire.serve.engines.vllm:VLLMEngine",
+    "onnx": "homefire.serve.engines.onnx:OnnxEngine",
     "mock": "homefire.serve.engines.mock:MockEngine",
+    "llamacpp": "homefire.serve.engines.llamacpp:LlamaCppEngine",
 }
 
 _INSTALL_HINT = {
     "vllm": "pip install 'homefire[cpu]' on a CPU machine or 'homefire[gpu]' on a CUDA machine",
+    "onnx": "pip install 'homefire[onnx]'",
+    "llamacpp": "pip install 'homefire[llamacpp]'",
 }
 
 
