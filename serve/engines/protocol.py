@@ -117,6 +117,11 @@ class Engine(Protocol):
     ) -> AsyncIterator[Delta]:
         """Stream deltas for ``sampling.n`` choices of one prompt."""
 
+    async def score(self, token_ids: list[int]) -> list[float]:
+        """Log-probabilities of ``token_ids[i]`` given ``token_ids[:i]`` for i = 1 .. n-1: the model's own view of a
+        text, so perplexity (``exp(-mean)``) is measured on the engine that serves the variant."""
+        ...
+
     async def check_health(self) -> None:
         """Raise if the engine cannot serve."""
 

@@ -29,6 +29,31 @@ def cuda_available() -> bool:
         return False
 
 
+def cpu_dtype(model_path: str) -> str:
+    """The dtype vLLM's CPU build runs ``model_path`` in when the config says ``auto``.
+
+    float32 (exact, and vLLM CPU's fastest path for small models), except for compressed-tensors checkpoints whose
+    CPU kernels take 16-bit activations only: W4A16 (``cpu_gemm_wna16``), and W8A8 on CPUs with AMX, where vLLM picks
+    its AMX int8 GEMM (elsewhere W8A8 runs on oneDNN, which takes float32).
+    """
+    import json
+    from pathlib import Path
+
+    import torch
+
+    try:
+        quant = json.loads((Path(model_path) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return "float32"
+    if quant.get("quant_method") != "compressed-tensors":
+        return "float32"
+    groups = list((quant.get("config_groups") or {}).values())
+    if any((g.get("weights") or {}).get("num_bits") == 4 for g in groups):
+        return "bfloat16"
+    int8_activations = any((g.get("input_activations") or {}).get("num_bits") == 8 for g in groups)
+    return "bfloat16" if int8_activations and torch.cpu._is_amx_tile_supported() else "float32"
+
+
 class VLLMEngine:
     """vLLM's ``AsyncLLM`` behind the homefire engine protocol."""
 
@@ -59,7 +84,7 @@ class VLLMEngine:
             model=self.model_path,
             tokenizer=self.model_path,
             served_model_name=self.cfg.name,
-            dtype=("float32" if not on_gpu else "auto") if self.cfg.dtype == "auto" else self.cfg.dtype,
+            dtype=(cpu_dtype(self.model_path) if not on_gpu else "auto") if self.cfg.dtype == "auto" else self.cfg.dtype,
             max_model_len=self.cfg.max_model_len,
             gpu_memory_utilization=self.cfg.memory_share(),
             trust_remote_code=self.cfg.trust_remote_code,
@@ -132,6 +157,22 @@ class VLLMEngine:
         finally:
             if not finished:
                 await self._engine.abort(request_id)
+
+    async def score(self, token_ids: list[int]) -> list[float]:
+        """Log-probabilities of ``token_ids[i]`` given ``token_ids[:i]`` (vLLM's prompt logprobs), i = 1 .. n-1."""
+        import uuid
+
+        from vllm import SamplingParams
+
+        if not 2 <= len(token_ids) < self.max_model_len:
+            raise InvalidRequest(f"score needs 2 to {self.max_model_len - 1} tokens, got {len(token_ids)}", param="prompt")
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+        final = None
+        async for out in self._engine.generate({"prompt_token_ids": token_ids}, params, f"score-{uuid.uuid4().hex}"):
+            final = out
+        # prompt_logprobs[0] is None (no context); entry i maps each candidate id to its Logprob, the prompt's own
+        # token always among them.
+        return [final.prompt_logprobs[i][t].logprob for i, t in enumerate(token_ids) if i > 0]
 
     async def check_health(self) -> None:
         if self._engine is None:
