@@ -350,7 +350,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.models_command == "list":
         entries = reg.list()
         if not entries:
-            print(f"registry {reg.root} is empty; run `homefire models build`")
+            print(f"registry {reg.uri} is empty; run `homefire models build`")
         else:
             _print_tree(entries)
         return 0

@@ -13,8 +13,8 @@ def _env_float(name: str, default: float) -> float:
 
 #: Where built models, the registry and benchmark outputs are cached.
 HOME_DIR = Path(os.environ.get("HOMEFIRE_HOME", Path.home() / ".cache" / "homefire"))
-#: Registry root (a directory; a shared path on a cluster).
-REGISTRY_DIR = Path(os.environ.get("HOMEFIRE_REGISTRY", HOME_DIR / "registry"))
+#: Registry root: a local directory, or an fsspec URI every node of a cluster reads (s3://bucket/registry, gs://...).
+REGISTRY_DIR = os.environ.get("HOMEFIRE_REGISTRY") or str(HOME_DIR / "registry")
 #: API key required on every route but health, when set (overrides none in the config; adds to them).
 API_KEY_ENV = "HOMEFIRE_API_KEY"
 

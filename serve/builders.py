@@ -97,7 +97,7 @@ def build_app(args: dict[str, Any] | None = None):
     for m in cfg.models:
         path, base_ref = resolve_model(m, registry)
         dep = serve.deployment(ModelServer).options(**_model_options(m))
-        handles[m.name] = dep.bind(m.model_dump(mode="json"), path, STREAM_INTERVAL_S, str(registry.root), base_ref)
+        handles[m.name] = dep.bind(m.model_dump(mode="json"), path, STREAM_INTERVAL_S, registry.uri, base_ref)
         deployments[deployment_name(m)] = m.name
         if m.autoscaling is not None and m.autoscaling.min_replicas == 0:
             optional.append(m.name)  # scaled to zero by design: readiness does not wait for it

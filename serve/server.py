@@ -89,20 +89,23 @@ class ModelServer:
             return entry.ref
 
     def _adapter_entry(self, name: str):
+        """The newest version of adapter ``name`` trained on the base this replica serves."""
         try:
-            entry = self.registry.get(name)
-        except (ModelNotFound, ConfigError):
-            entry = None
-        if entry is None or entry.kind != "adapter":
+            versions = self.registry.adapter_versions(name)
+        except ConfigError:
+            versions = []
+        if not versions:
             available = self.available_adapters()
             raise AdapterNotFound(
                 f"adapter '{name}' is not in the registry for model '{self.cfg.name}'; available: "
                 f"{', '.join(f'{self.cfg.name}:{a}' for a in available) or 'none'}. Fix: train one with `homefire train`",
                 param="model", code="adapter_not_found",
             )
-        if not self._fits(entry):
+        entry = next((e for e in versions if self._fits(e)), None)
+        if entry is None:
+            bases = ", ".join(sorted({e.parent or "?" for e in versions}))
             raise AdapterNotFound(
-                f"adapter '{name}' was trained on {entry.parent}, but '{self.cfg.name}' serves {self.base_ref}. "
+                f"adapter '{name}' was trained on {bases}, but '{self.cfg.name}' serves {self.base_ref}. "
                 "Fix: serve the adapter's base model, or retrain the adapter on this one",
                 param="model", code="adapter_base_mismatch",
             )
@@ -113,14 +116,13 @@ class ModelServer:
         if parent == self.base_ref:
             return True
         try:
-            return self.registry.get(parent).path == self.model_path
+            return self.registry.get(parent, fetch=False).path == self.model_path
         except (ModelNotFound, ConfigError):
             return parent == self.model_path
 
     def available_adapters(self) -> list[str]:
         """Registry adapters trained on the base this replica serves."""
-        latest = {e.name: e for e in self.registry.list() if e.kind == "adapter"}  # list() is in version order
-        return sorted(name for name, e in latest.items() if self._fits(e))
+        return sorted({e.name for e in self.registry.list() if e.kind == "adapter" and self._fits(e)})
 
     async def info(self) -> dict[str, Any]:
         return {
