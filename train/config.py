@@ -165,7 +165,7 @@ class TrainConfig(StrictModel):
 
 def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     """Load a training YAML; relative data paths are taken relative to the YAML's folder when they exist there."""
-    from homefire.config import load_yaml
+    from homefire.config import apply_overrides, load_yaml
 
     data = load_yaml(path)
     if not isinstance(data, dict):
@@ -175,13 +175,7 @@ def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainC
         value = (data.get("data") or {}).get(key) if isinstance(data.get("data"), dict) else None
         if isinstance(value, str) and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
             data["data"][key] = str((base / value).resolve())
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return validate_config(TrainConfig, data, str(path))
+    return validate_config(TrainConfig, apply_overrides(data, overrides), str(path))
 
 
 __all__ = ["ALL_LINEAR", "TrainConfig", "load_config", "load_train_config"]

@@ -14,6 +14,7 @@ for vLLM). Each exposes ``check(src, target)`` (refuse early, naming what is wro
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -88,7 +89,8 @@ def hf_architecture(src: Path) -> str:
     return archs[0]
 
 
-def convert(source: str, to: str, registry: Registry | None = None, name: str | None = None) -> Entry:
+def convert(source: str, to: str, registry: Registry | None = None, name: str | None = None,
+            force: bool = False) -> Entry:
     """Convert ``source`` (registry ref, demo name or path) to ``to`` and register the result.
 
     Args:
@@ -96,6 +98,7 @@ def convert(source: str, to: str, registry: Registry | None = None, name: str | 
         to: a key of :data:`TARGETS`, e.g. ``onnx-int4`` or ``gguf-q8_0``.
         registry: where to read and write entries (default: ``HOMEFIRE_REGISTRY``).
         name: the new entry's name (default ``<source name>-<to>``).
+        force: convert again even when this registry entry was already converted to ``to`` (by content hash).
 
     Returns:
         The new registry entry (``format`` and ``parent`` set).
@@ -121,6 +124,14 @@ def convert(source: str, to: str, registry: Registry | None = None, name: str | 
     mod.check(src, to)
     base_name = entry.name if entry is not None else src.name
     new_name = name or f"{base_name}-{to}"
+    # The same weights converted the same way are the same entry: a second `convert` returns it.
+    recipe_hash = None
+    if entry is not None:
+        recipe_hash = hashlib.sha256(json.dumps([entry.files, to], sort_keys=True).encode()).hexdigest()
+        done = None if force else registry.find_by_recipe(new_name, recipe_hash)
+        if done is not None:
+            logger.info("%s is %s converted to %s already", done.ref, entry.ref, to)
+            return registry.fetch(done)
     registry.root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".convert-", dir=registry.root) as tmp:
@@ -134,7 +145,7 @@ def convert(source: str, to: str, registry: Registry | None = None, name: str | 
             parent=entry.ref if entry is not None else str(src),
             metrics={"size_bytes": size, "convert_s": seconds},
             config={"recipe": {"to": to, "source": entry.ref if entry is not None else str(src), **facts}},
-            run=f"homefire models convert {source} --to {to}", move=True,
+            run=f"homefire models convert {source} --to {to}", recipe_hash=recipe_hash, move=True,
         )
         shutil.rmtree(out, ignore_errors=True)
     logger.info("converted %s -> %s (%s, %.1f MB, %.0fs)", source, new.ref, to, size / 1e6, seconds)

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from homefire.errors import ModelNotFound
 from homefire.registry import Entry, Registry
 
 logger = logging.getLogger(__name__)
@@ -155,6 +156,19 @@ def ensure_model(recipe: ModelRecipe | str, registry: Registry | None = None) ->
     return entry
 
 
+def _with_convert_hint(err: ModelNotFound, source: str) -> ModelNotFound:
+    """A missing ``<model>-<format>`` entry (e.g. demo-onnx-int4) is one `homefire models convert` away: say so."""
+    from homefire.convert import TARGETS
+
+    for to in TARGETS:
+        base = source.removesuffix(f"-{to}")
+        if base != source and base:
+            return ModelNotFound(
+                f"model '{source}' is not in the registry yet. Fix: homefire models convert {base} --to {to}"
+            )
+    return err
+
+
 def resolve_source(source: str, registry: Registry | None = None) -> tuple[str, Entry | None]:
     """(what to load, its registry entry or None) for a demo name, registry ref, directory or hub id.
 
@@ -168,7 +182,10 @@ def resolve_source(source: str, registry: Registry | None = None) -> tuple[str, 
             logger.warning("%s has random weights; `homefire models build-demo` pretrains it", source)
         entry = registry.get(source)
         return entry.path, entry
-    path = registry.resolve_source(source)
+    try:
+        path = registry.resolve_source(source)
+    except ModelNotFound as err:
+        raise _with_convert_hint(err, source) from None
     if "/" not in source and not Path(source).expanduser().is_dir():
         return path, registry.get(source)
     return path, None

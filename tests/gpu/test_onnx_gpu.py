@@ -33,8 +33,8 @@ async def _greedy(path: str, provider: str) -> tuple[str, int]:
 
 
 @pytest.fixture(scope="module")
-def fp32(tiny_model_path) -> str:
-    return convert("demo-tiny", "onnx-fp32").path
+def fp32(tiny_model_ref) -> str:
+    return convert(tiny_model_ref, "onnx-fp32").path
 
 
 @pytest.mark.parametrize("provider", ["cuda", "tensorrt"])

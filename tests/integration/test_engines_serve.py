@@ -145,3 +145,10 @@ def test_variants_are_listed_under_their_parent(entries, capsys):
     children = [line for line in lines[base + 1:] if line.startswith("  ")]
     assert {line.split()[0] for line in children} >= {e.ref for e in entries.values()}
     assert any("gguf" in line and "quantized" in line for line in children)
+
+
+def test_converting_again_reuses_the_entry_unless_forced(entries):
+    again = convert("demo-tiny", "gguf-q8_0")
+    assert again.ref == entries["gguf-q8_0"].ref
+    forced = convert("demo-tiny", "gguf-q8_0", force=True)
+    assert forced.version == again.version + 1 and forced.recipe_hash == again.recipe_hash

@@ -73,9 +73,9 @@ def loop():
 
 
 @pytest.fixture(scope="module")
-def entries(tiny_model_path):
+def entries(tiny_model_ref):
     """The tiny model converted to every GGUF target (a fraction of a second each)."""
-    return {to: convert("demo-tiny", to) for to in ("gguf-f32", "gguf-q8_0", "gguf-q4_0", "gguf-f16")}
+    return {to: convert(tiny_model_ref, to) for to in ("gguf-f32", "gguf-q8_0", "gguf-q4_0", "gguf-f16")}
 
 
 @pytest.fixture(scope="module")

@@ -72,9 +72,9 @@ def _ppl(logprobs: list[float]) -> float:
 
 
 @pytest.fixture(scope="module")
-def converted(tiny_model_path):
+def converted(tiny_model_ref):
     """demo-tiny in all three ONNX targets (registered in the test's isolated registry)."""
-    return {to: convert("demo-tiny", to) for to in ("onnx-fp32", "onnx-int8", "onnx-int4")}
+    return {to: convert(tiny_model_ref, to) for to in ("onnx-fp32", "onnx-int8", "onnx-int4")}
 
 
 @pytest.fixture(scope="module")

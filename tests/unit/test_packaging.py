@@ -8,7 +8,8 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ["homefire", "homefire.models", "homefire.convert", "homefire.serve", "homefire.serve.engines", "homefire.train"]
+PACKAGES = ["homefire", "homefire.models", "homefire.convert", "homefire.serve", "homefire.serve.engines", "homefire.train",
+            "homefire.tune"]
 
 
 def test_wheel_contains_and_imports_every_package(tmp_path):

@@ -139,3 +139,10 @@ def test_remote_registry_failed_upload_leaves_nothing(memory_registry, tmp_path,
     with pytest.raises(OSError):
         reg.register("demo", _artifact(tmp_path, "v2"))
     assert reg.versions("demo") == [1] and not reg.fs.exists(f"{reg._base}/demo/2")
+
+
+def test_a_missing_converted_variant_names_the_convert_command(tmp_path):
+    from homefire.models.build import resolve_source
+
+    with pytest.raises(ModelNotFound, match="Fix: homefire models convert demo --to gguf-q8_0"):
+        resolve_source("demo-gguf-q8_0", Registry(tmp_path / "reg"))

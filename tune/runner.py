@@ -1,0 +1,124 @@
+"""`homefire tune`: a Ray Tune experiment with one trial per variant, then the report and the winner's serve config.
+
+The experiment lives in ``<storage>/<name>/`` (Ray Tune's own state, so ``--resume`` continues a sweep whose driver
+was killed: finished trials are kept, unfinished and errored ones run again) next to ``report.{json,md}``,
+``pareto.png`` and ``serve.yaml``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from homefire.errors import ConfigError
+from homefire.tune.config import TuneConfig
+from homefire.tune.trial import ORIGINAL, trainable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TuneReport:
+    experiment_dir: Path
+    summary: dict[str, Any]
+
+    @property
+    def best(self) -> str | None:
+        return self.summary.get("best")
+
+
+def _progress_callback():
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        """One line per finished trial with its numbers, and the live count."""
+
+        def __init__(self) -> None:
+            self.done = self.failed = self.skipped = 0
+
+        def _count(self, trials) -> str:
+            running = sum(t.status == "RUNNING" for t in trials)
+            return (f"[{self.done} done / {running} running / {self.failed} failed / {self.skipped} skipped "
+                    f"of {len(trials)}]")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            variant = result.get("variant", "?")
+            if result.get("status") == "skipped":
+                self.skipped += 1
+                print(f"  {variant:<12} skipped: {result.get('reason')}  {self._count(trials)}", flush=True)
+                return
+            self.done += 1
+            speeds = "  ".join(f"{k[:-13]} {v:.0f} tok/s" for k, v in result.items() if k.endswith("_output_tok_s"))
+            print(f"  {variant:<12} {result.get('engine', ''):<12} ppl {result.get('perplexity', 0):.2f}  {speeds}  "
+                  f"{result.get('size_bytes', 0) / 1e6:.1f} MB  {self._count(trials)}", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self.failed += 1
+            print(f"  {trial.config.get('variant', '?'):<12} failed (see {trial.path})  {self._count(trials)}",
+                  flush=True)
+
+    return Progress()
+
+
+def _ensure_ray(address: str | None, cfg: TuneConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, logging_level="WARNING")
+        return
+    # Logical CPUs: a trial's engine has its own threads; more logical CPUs than cores is fine for one trial at a time.
+    need = int(cfg.cpus_per_trial * cfg.max_concurrent_trials) + 1
+    ray.init(num_cpus=max(os.cpu_count() or 1, need), dashboard_host="127.0.0.1", include_dashboard=False,
+             logging_level="WARNING")
+
+
+def run_tune(cfg: TuneConfig, address: str | None = None, resume: str | None = None) -> TuneReport:
+    """Run (or with ``resume``, continue) the sweep; write the report; return where it is and the winner."""
+    from ray import tune
+
+    from homefire.models.build import resolve_source
+    from homefire.tune import report
+
+    _, entry = resolve_source(cfg.model.source)  # a bad source fails before Ray starts
+    served_name = entry.name if entry is not None else Path(cfg.model.source).name
+    _ensure_ray(address, cfg)
+    fn = tune.with_resources(trainable, {"cpu": cfg.cpus_per_trial})
+    variants = [ORIGINAL, *cfg.space.quantize]
+    run_config = tune.RunConfig(
+        name=cfg.name, storage_path=str(Path(cfg.run_root).expanduser().resolve()), verbose=0,
+        callbacks=[_progress_callback()], failure_config=tune.FailureConfig(max_failures=0),
+    )
+    if resume:
+        path = Path(resume).expanduser().resolve()
+        if not tune.Tuner.can_restore(str(path)):
+            raise ConfigError(f"--resume {resume}: no Ray Tune experiment there. Fix: pass the directory `homefire "
+                              "tune` printed (<storage>/<name>)")
+        tuner = tune.Tuner.restore(str(path), fn, resume_errored=False, restart_errored=True)
+    else:
+        tuner = tune.Tuner(
+            fn, param_space={"tune": cfg.model_dump(mode="json"), "variant": tune.grid_search(variants)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials), run_config=run_config,
+        )
+    started = time.time()
+    print(f"homefire tune {cfg.name}: {len(variants)} trials ({', '.join(variants)}) on {cfg.model.source}", flush=True)
+    grid = tuner.fit()
+    rows = []
+    for r in grid:
+        if r.error is not None:
+            rows.append({"variant": r.config.get("variant", "?"), "status": "failed", "error": str(r.error)[:2000]})
+        elif r.metrics:
+            rows.append({k: v for k, v in r.metrics.items() if not k.startswith(("time_", "config", "trial_"))
+                         and k not in ("timestamp", "date", "hostname", "node_ip", "pid", "training_iteration",
+                                       "done", "iterations_since_restore", "checkpoint_dir_name", "should_checkpoint")})
+    order = {v: i for i, v in enumerate(variants)}
+    rows.sort(key=lambda r: order.get(r.get("variant"), len(order)))
+    out_dir = Path(grid.experiment_path)
+    summary = report.write(cfg, rows, out_dir, served_name)
+    summary["duration_s"] = round(time.time() - started)
+    return TuneReport(out_dir, summary)

@@ -1,0 +1,236 @@
+"""One trial: make a variant, start the engine that would serve it, measure quality, speed, memory and size.
+
+The variant ``original`` is the unmodified model on fp32 transformers: the reference every other trial's
+perplexity increase and speedup are computed against (in the report, once all trials are in). Every other variant
+is a ``homefire models convert`` format, measured on its own engine (vLLM, ONNX Runtime, llama.cpp) in-process:
+perplexity through ``engine.score`` on the same token windows, greedy decode with end-of-text ignored at each
+configured concurrency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from homefire.errors import ConfigError
+from homefire.tune.config import TuneConfig
+
+logger = logging.getLogger(__name__)
+
+ORIGINAL = "original"
+#: Every variant's greedy continuation of this prompt is kept with its numbers: what a served variant must answer.
+GREEDY_PROMPT = "The river that runs through the town"
+GREEDY_TOKENS = 16
+
+
+class PeakMemory:
+    """Peak resident memory of this process and its children (engines run cores in child processes)."""
+
+    def __init__(self, interval_s: float = 0.1):
+        import psutil
+
+        self._proc = psutil.Process(os.getpid())
+        self._interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        total = 0
+        for p in [self._proc, *self._proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except Exception:  # a child that just exited
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self._sample())
+            self._stop.wait(self._interval_s)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def windows(ids: list[int], size: int) -> list[list[int]]:
+    """Non-overlapping windows of ``size`` tokens (the last one dropped when shorter than 2 tokens)."""
+    return [ids[i:i + size] for i in range(0, len(ids), size) if len(ids[i:i + size]) >= 2]
+
+
+def perplexity(logprobs: list[float]) -> float:
+    return math.exp(-sum(logprobs) / len(logprobs))
+
+
+def _size_bytes(path: str) -> int:
+    p = Path(path)
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def _prompts(ids: list[int], n: int, length: int) -> list[list[int]]:
+    """``n`` prompts of ``length`` tokens cut from the held-out ids (wrapping around)."""
+    out = []
+    for i in range(n):
+        start = (i * 37) % max(len(ids) - length, 1)
+        prompt = (ids * (1 + length // max(len(ids), 1) + 1))[start:start + length]
+        out.append(prompt)
+    return out
+
+
+# -- the reference: fp32 transformers ---------------------------------------------------------------------------
+
+
+def _measure_original(cfg: TuneConfig, path: str) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(max(1, int(cfg.cpus_per_trial)))
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    ids = tok.encode(cfg.eval_text(), add_special_tokens=False)[: cfg.eval.max_tokens]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 trust_remote_code=cfg.model.trust_remote_code).eval()
+    logprobs: list[float] = []
+    with torch.no_grad():
+        for w in windows(ids, cfg.eval.window):
+            lp = torch.log_softmax(model(torch.tensor([w])).logits[0, :-1].double(), dim=-1)
+            logprobs += lp[torch.arange(len(w) - 1), torch.tensor(w[1:])].tolist()
+    speed = {}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    for c in cfg.speed.concurrency:
+        # transformers has no continuous batching: c streams are one padded batch of c prompts at a time.
+        prompts = _prompts(ids, max(cfg.speed.prompts, c), cfg.speed.input_len)
+        out_tokens, ttfts, started = 0, [], time.perf_counter()
+        for i in range(0, len(prompts), c):
+            batch = torch.tensor(prompts[i:i + c])
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=1, min_new_tokens=1,
+                               do_sample=False, pad_token_id=pad)
+                ttfts.append(time.perf_counter() - t0)
+                model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=cfg.speed.output_len,
+                               min_new_tokens=cfg.speed.output_len, do_sample=False, pad_token_id=pad)
+            out_tokens += batch.shape[0] * cfg.speed.output_len
+        wall = time.perf_counter() - started - sum(ttfts)
+        speed[f"c{c}"] = {"output_tok_s": out_tokens / wall, "p50_ttft_ms": sorted(ttfts)[len(ttfts) // 2] * 1e3}
+    return {"engine": "transformers", "format": "hf", "scored_tokens": len(logprobs),
+            "perplexity": perplexity(logprobs), "logprobs_sum": sum(logprobs), "speed": speed}
+
+
+# -- a converted variant on its engine ----------------------------------------------------------------------------
+
+
+def _engine_settings(cfg: TuneConfig, engine: str) -> dict[str, Any]:
+    most = max(cfg.speed.concurrency)
+    length = max(cfg.eval.window, cfg.speed.input_len + cfg.speed.output_len) + 8
+    settings: dict[str, Any] = {"cpus": cfg.cpus_per_trial, "max_model_len": length}
+    if engine == "vllm":
+        settings.update(kv_cache_gb=1)
+    elif engine == "onnx":
+        settings.update(max_concurrency=most)
+    elif engine == "llamacpp":
+        settings.update(slots=min(most, 64))
+    return settings
+
+
+async def _measure_engine(cfg: TuneConfig, entry, engine_kind: str) -> dict[str, Any]:
+    from homefire.serve.config import model_config
+    from homefire.serve.engines import SamplingSpec, engine_class
+
+    mc = model_config({"name": "tune", "source": entry.ref, "engine": engine_kind,
+                       **_engine_settings(cfg, engine_kind)})
+    engine = engine_class(engine_kind)(mc, entry.path)
+    started = time.perf_counter()
+    await engine.start(timeout_s=600)
+    startup_s = time.perf_counter() - started
+    try:
+        ids = engine.tokenizer.encode(cfg.eval_text())[: cfg.eval.max_tokens]
+        logprobs: list[float] = []
+        for w in windows(ids, cfg.eval.window):
+            logprobs += await engine.score(w)
+        spec = SamplingSpec(max_tokens=cfg.speed.output_len, temperature=0, ignore_eos=True)
+
+        async def one(rid: str, prompt: list[int], ttfts: list[float]) -> int:
+            t0, n = time.perf_counter(), 0
+            async for d in engine.generate(rid, prompt, spec):
+                if n == 0 and d.num_tokens:
+                    ttfts.append(time.perf_counter() - t0)
+                n += d.num_tokens
+            return n
+
+        greedy = SamplingSpec(max_tokens=GREEDY_TOKENS, temperature=0)
+        sample = "".join([d.text async for d in engine.generate("greedy", engine.tokenizer.encode(GREEDY_PROMPT),
+                                                                  greedy)])
+        await one("warmup", _prompts(ids, 1, cfg.speed.input_len)[0], [])
+        speed = {}
+        for c in cfg.speed.concurrency:
+            prompts = _prompts(ids, max(cfg.speed.prompts, c), cfg.speed.input_len)
+            gate, ttfts = asyncio.Semaphore(c), []
+
+            async def gated(i: int, p: list[int]) -> int:
+                async with gate:
+                    return await one(f"c{c}-{i}", p, ttfts)
+
+            t0 = time.perf_counter()
+            tokens = sum(await asyncio.gather(*(gated(i, p) for i, p in enumerate(prompts))))
+            wall = time.perf_counter() - t0
+            speed[f"c{c}"] = {"output_tok_s": tokens / wall, "p50_ttft_ms": sorted(ttfts)[len(ttfts) // 2] * 1e3}
+        return {"engine": engine_kind, "format": entry.format, "scored_tokens": len(logprobs),
+                "perplexity": perplexity(logprobs), "logprobs_sum": sum(logprobs), "speed": speed,
+                "startup_s": startup_s, "greedy_sample": sample}
+    finally:
+        await engine.shutdown()
+
+
+def measure(cfg: TuneConfig, variant: str) -> dict[str, Any]:
+    """Every number of one trial (raises ConfigError when this machine cannot make or run ``variant``)."""
+    from homefire.models.build import resolve_source
+
+    with PeakMemory() as mem:
+        if variant == ORIGINAL:
+            path, entry = resolve_source(cfg.model.source)
+            row = _measure_original(cfg, path)
+            row.update(entry=entry.ref if entry else path, size_bytes=_size_bytes(path))
+        else:
+            from homefire.convert import convert
+            from homefire.registry import FORMAT_ENGINES
+
+            t0 = time.perf_counter()
+            entry = convert(cfg.model.source, variant)
+            convert_s = time.perf_counter() - t0
+            row = asyncio.run(_measure_engine(cfg, entry, FORMAT_ENGINES[entry.format][0]))
+            row.update(entry=entry.ref, size_bytes=_size_bytes(entry.path), convert_s=convert_s)
+    row.update(variant=variant, peak_memory_bytes=mem.peak_bytes, status="ok")
+    return row
+
+
+def trainable(config: dict[str, Any]) -> None:
+    """The Ray Tune function trainable: one report with every number, or a skipped row with the reason."""
+    from ray import tune
+
+    cfg = TuneConfig.model_validate(config["tune"])
+    variant = config["variant"]
+    try:
+        row = measure(cfg, variant)
+    except ConfigError as err:  # this machine cannot make or run it: a result, not a crash
+        row = {"variant": variant, "status": "skipped", "reason": str(err)}
+    tune.report(_flat(row))
+
+
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    """Tune flattens nested dicts with '/'; keep the row flat and explicit instead."""
+    out = {k: v for k, v in row.items() if k != "speed"}
+    for c, s in row.get("speed", {}).items():
+        out[f"{c}_output_tok_s"] = s["output_tok_s"]
+        out[f"{c}_p50_ttft_ms"] = s["p50_ttft_ms"]
+    return out
