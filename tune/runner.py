@@ -31,7 +31,7 @@ class TuneReport:
         return self.summary.get("best")
 
 
-def _progress_callback():
+def _progress_callback(total: int):
     from ray.tune import Callback
 
     class Progress(Callback):
@@ -40,25 +40,25 @@ def _progress_callback():
         def __init__(self) -> None:
             self.done = self.failed = self.skipped = 0
 
-        def _count(self, trials) -> str:
-            running = sum(t.status == "RUNNING" for t in trials)
+        def _count(self, trials, this) -> str:
+            running = sum(t.status == "RUNNING" and t is not this for t in trials)
             return (f"[{self.done} done / {running} running / {self.failed} failed / {self.skipped} skipped "
-                    f"of {len(trials)}]")
+                    f"of {total}]")
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             variant = result.get("variant", "?")
             if result.get("status") == "skipped":
                 self.skipped += 1
-                print(f"  {variant:<12} skipped: {result.get('reason')}  {self._count(trials)}", flush=True)
+                print(f"  {variant:<12} skipped: {result.get('reason')}  {self._count(trials, trial)}", flush=True)
                 return
             self.done += 1
             speeds = "  ".join(f"{k[:-13]} {v:.0f} tok/s" for k, v in result.items() if k.endswith("_output_tok_s"))
             print(f"  {variant:<12} {result.get('engine', ''):<12} ppl {result.get('perplexity', 0):.2f}  {speeds}  "
-                  f"{result.get('size_bytes', 0) / 1e6:.1f} MB  {self._count(trials)}", flush=True)
+                  f"{result.get('size_bytes', 0) / 1e6:.1f} MB  {self._count(trials, trial)}", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
             self.failed += 1
-            print(f"  {trial.config.get('variant', '?'):<12} failed (see {trial.path})  {self._count(trials)}",
+            print(f"  {trial.config.get('variant', '?'):<12} failed (see {trial.path})  {self._count(trials, trial)}",
                   flush=True)
 
     return Progress()
@@ -92,7 +92,7 @@ def run_tune(cfg: TuneConfig, address: str | None = None, resume: str | None = N
     variants = [ORIGINAL, *cfg.space.quantize]
     run_config = tune.RunConfig(
         name=cfg.name, storage_path=str(Path(cfg.run_root).expanduser().resolve()), verbose=0,
-        callbacks=[_progress_callback()], failure_config=tune.FailureConfig(max_failures=0),
+        callbacks=[_progress_callback(len(variants))], failure_config=tune.FailureConfig(max_failures=0),
     )
     if resume:
         path = Path(resume).expanduser().resolve()
