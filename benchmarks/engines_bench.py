@@ -103,8 +103,9 @@ def skip_reason(variant: str) -> str | None:
     if needs and importlib.util.find_spec(needs) is None:
         return f"{needs} is not installed (make install)"
     if variant == "vllm-w4a16":
-        flags = Path("/proc/cpuinfo").read_text()
-        if "avx512f" not in flags:
+        from homefire.convert.compressed import cpu_flags
+
+        if "avx512f" not in cpu_flags():
             return "needs AVX-512 (vLLM's CPU W4A16 kernels); this CPU has none"
     return None
 

@@ -41,10 +41,10 @@ from typing import Any
 import numpy as np
 
 from homefire.errors import (
-    AdapterNotFound, ConfigError, EngineError, EngineStartTimeout, HomefireError, InvalidRequest,
+    ConfigError, EngineError, EngineStartTimeout, HomefireError, InvalidRequest,
 )
 from homefire.serve.config import LlamaCppModelConfig
-from homefire.serve.engines.protocol import Capabilities, Delta, SamplingSpec
+from homefire.serve.engines.protocol import Capabilities, Delta, NoAdapters, SamplingSpec
 from homefire.serve.engines.text import IncrementalText
 
 logger = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ class _SamplerChain:
             self.chain = None
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(NoAdapters):
     """llama.cpp behind the homefire engine protocol.
 
     Args:
@@ -262,6 +262,7 @@ class LlamaCppEngine:
     """
 
     capabilities = Capabilities(lora=False, structured_output=True, n=True, penalties=True, min_tokens=True)
+    engine_label = "llama.cpp"
 
     def __init__(self, cfg: LlamaCppModelConfig, model_path: str):
         self.cfg = cfg
@@ -337,24 +338,6 @@ class LlamaCppEngine:
             llm.close()
         self._slots = []
 
-    # -- adapters: none --------------------------------------------------------------------------------------------
-
-    async def load_adapter(self, name: str, path: str) -> None:
-        raise InvalidRequest(
-            f"model '{self.cfg.name}' runs on the llama.cpp engine, which serves no LoRA adapters. "
-            "Fix: merge the adapter into the model, convert that to GGUF and serve it as its own model",
-            param="model",
-        )
-
-    async def unload_adapter(self, name: str) -> None:
-        raise AdapterNotFound(f"adapter '{name}' is not loaded on '{self.cfg.name}' (llama.cpp serves no adapters)")
-
-    def adapters(self) -> list[str]:
-        return []
-
-    def adapter_path(self, name: str) -> str | None:
-        return None
-
     def stats(self) -> dict[str, Any]:
         return {
             "unfinished_requests": self._running,
@@ -368,12 +351,7 @@ class LlamaCppEngine:
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec, adapter: str | None = None
     ) -> AsyncIterator[Delta]:
         """Stream ``sampling.n`` choices, one after another (see the protocol's streaming contract)."""
-        if adapter is not None:
-            raise InvalidRequest(
-                f"adapter '{adapter}' was asked of '{self.cfg.name}', but the llama.cpp engine serves no LoRA "
-                "adapters. Fix: use the base model name, or serve the adapter's model with vLLM",
-                param="model",
-            )
+        self.refuse_adapter(adapter)
         await self.check_health()
         if not prompt_token_ids:
             raise InvalidRequest("the prompt is empty; llama.cpp needs at least one token", param="prompt")

@@ -36,9 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from homefire.errors import AdapterNotFound, ConfigError, EngineError, EngineStartTimeout, InvalidRequest
+from homefire.errors import ConfigError, EngineError, EngineStartTimeout, InvalidRequest
 from homefire.serve.config import OnnxModelConfig
-from homefire.serve.engines.protocol import Capabilities, Delta, SamplingSpec
+from homefire.serve.engines.protocol import Capabilities, Delta, NoAdapters, SamplingSpec
 from homefire.serve.engines.text import HFTokenizer, IncrementalText
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class _Choice:
         self.stop = stop
 
 
-class OnnxEngine:
+class OnnxEngine(NoAdapters):
     """onnxruntime-genai behind the homefire engine protocol.
 
     Args:
@@ -85,6 +85,7 @@ class OnnxEngine:
     """
 
     capabilities = Capabilities(lora=False, structured_output=True, n=True, penalties=False, min_tokens=True)
+    engine_label = "ONNX Runtime"
 
     def __init__(self, cfg: OnnxModelConfig, model_path: str):
         self.cfg = cfg
@@ -297,12 +298,7 @@ class OnnxEngine:
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec, adapter: str | None = None
     ) -> AsyncIterator[Delta]:
         """Stream deltas for ``sampling.n`` choices of one prompt (see the module docstring for what is honoured)."""
-        if adapter is not None:
-            raise InvalidRequest(
-                f"model '{self.cfg.name}' is served by ONNX Runtime, which serves no LoRA adapters; "
-                f"fix: use model '{self.cfg.name}', or serve the adapter with engine vllm",
-                param="model",
-            )
+        self.refuse_adapter(adapter)
         self._require_started()
         if not prompt_token_ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
@@ -383,23 +379,7 @@ class OnnxEngine:
             finally:
                 self._running -= 1
 
-    # -- adapters (none) and gauges ----------------------------------------------------------------------------
-
-    async def load_adapter(self, name: str, path: str) -> None:
-        raise InvalidRequest(
-            f"model '{self.cfg.name}' is served by ONNX Runtime, which serves no LoRA adapters; "
-            "fix: serve the adapter with engine vllm (max_loras > 0)",
-            param="model",
-        )
-
-    async def unload_adapter(self, name: str) -> None:
-        raise AdapterNotFound(f"adapter '{name}' is not loaded on '{self.cfg.name}' (ONNX Runtime serves no adapters)")
-
-    def adapters(self) -> list[str]:
-        return []
-
-    def adapter_path(self, name: str) -> str | None:
-        return None
+    # -- gauges ------------------------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         return {

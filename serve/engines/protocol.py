@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
+from homefire.errors import AdapterNotFound, InvalidRequest
+
 
 @dataclass
 class SamplingSpec:
@@ -143,3 +145,37 @@ class Engine(Protocol):
 
     async def shutdown(self) -> None:
         """Release the engine's processes and memory."""
+
+
+class NoAdapters:
+    """The adapter half of :class:`Engine` for engines that serve no LoRA adapters (``capabilities.lora`` False).
+
+    ``engine_label`` names the engine in the errors; ``cfg.name`` is the served model.
+    """
+
+    engine_label: str
+    cfg: Any
+
+    def refuse_adapter(self, adapter: str | None) -> None:
+        """Raise InvalidRequest (param ``model``) when a request names an adapter."""
+        if adapter is not None:
+            raise self._no_adapters(f"adapter '{adapter}' was asked of '{self.cfg.name}'")
+
+    def _no_adapters(self, what: str) -> InvalidRequest:
+        return InvalidRequest(
+            f"{what}, but {self.engine_label} serves no LoRA adapters. Fix: use the base model name, or serve the "
+            "adapter's model with engine vllm (max_loras > 0)",
+            param="model",
+        )
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        raise self._no_adapters(f"model '{self.cfg.name}' cannot load adapter '{name}'")
+
+    async def unload_adapter(self, name: str) -> None:
+        raise AdapterNotFound(f"adapter '{name}' is not loaded on '{self.cfg.name}' ({self.engine_label} serves none)")
+
+    def adapters(self) -> list[str]:
+        return []
+
+    def adapter_path(self, name: str) -> str | None:
+        return None
