@@ -98,12 +98,33 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--serve", action="store_true", help="load the trained adapter into the running server at --url")
     _server_flags(t)
 
+    d = sub.add_parser(
+        "distill", help="train a smaller or pruned student from a teacher's logits on Ray Train (a registry entry)",
+        description="Knowledge distillation through the `homefire train` pipeline (workers, checkpoints, --resume, "
+        "eval before/after, registry): every parameter of the student (model.source, e.g. a pruned variant) learns "
+        "loss = (1-alpha)*cross-entropy + alpha*T^2*KL(teacher || student) on the data; the teacher is frozen and must "
+        "share the student's vocabulary. The config is a training config with method: distill (set for you) and a "
+        "distill section.",
+        epilog="examples:\n  homefire models convert demo --to prune-layers-25\n"
+        "  homefire distill train/configs/demo-distill.yaml\n"
+        "  homefire distill cfg.yaml --set distill.alpha=0.9 --set optim.max_steps=200",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d.add_argument("config", help="training YAML with a distill section (see train/configs/demo-distill.yaml)")
+    d.add_argument("--address", help="Ray cluster to run on (e.g. 'auto'); default: start a local Ray")
+    d.add_argument("--resume", metavar="RUN", help="continue RUN (a run id or run directory) from its last checkpoint")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set distill.alpha=0.9 (YAML value syntax)")
+    d.set_defaults(serve=False, url=None, api_key=None, distill=True)
+
     tu = sub.add_parser(
-        "tune", help="sweep a model's quantized variants on Ray Tune; report, Pareto plot, serve config for the best",
-        description="Run a sweep config on Ray Tune: one trial per format in space.quantize plus the original "
-        "(fp32 transformers, the reference). Each trial makes the variant (homefire models convert), starts the "
-        "engine that would serve it, and measures held-out perplexity, decode tokens/s and TTFT at each "
-        "concurrency, peak memory and size. The best variant within select's bounds gets a serve config.",
+        "tune", help="sweep a model's quantized and pruned variants on Ray Tune; report, Pareto plot, serve config "
+        "for the best",
+        description="Run a sweep config on Ray Tune: one trial per format in space.quantize and per pruning in "
+        "space.prune, plus the original (fp32 transformers, the reference). Each trial makes the variant (homefire "
+        "models convert), starts the engine that would serve it, and measures held-out perplexity, KL divergence and "
+        "top-1 agreement with the original, decode tokens/s and TTFT at each concurrency, peak memory and size. The "
+        "best variant within select's bounds gets a serve config.",
         epilog="examples:\n  homefire tune tune/configs/demo-quantize.yaml\n"
         "  homefire tune tune/configs/demo-quantize.yaml --resume ~/.cache/homefire/tune/demo-quantize\n"
         "  homefire tune cfg.yaml --set select.max_ppl_increase=0.05 --set select.concurrency=8",
@@ -127,19 +148,22 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     bd.add_argument("names", nargs="*", help="demo model names (default: all)")
     bd.add_argument("--address", help="Ray cluster to run on; default: a local Ray")
-    from homefire.convert import TARGETS
+    from homefire.convert import PRUNE_TARGETS, TARGETS, target
 
     cv = msub.add_parser(
-        "convert", help="make an optimized format of a model (ONNX, GGUF, vLLM int8/int4) as a new registry entry",
+        "convert", help="make an optimized format of a model (ONNX, GGUF, vLLM int8/int4, pruned) as a new registry "
+        "entry",
         description="Convert a Hugging Face model (a registry entry, a demo name or a directory) into a format "
-        "another engine serves, registered as a new entry whose parent is the source. Serve it with "
-        "`engine: onnx` (onnx-*), `engine: llamacpp` (gguf-*) or `engine: vllm` (vllm-*).",
+        "another engine serves, or prune it, registered as a new entry whose parent is the source. Serve it with "
+        "`engine: onnx` (onnx-*), `engine: llamacpp` (gguf-*) or `engine: vllm` (vllm-*, prune-*).",
         epilog="formats:\n" + "\n".join(f"  {k:<11} {t.about}" for k, t in TARGETS.items())
+        + "\n\npruning (prune-<method>-<percent removed>; 2of4 for the 2:4 pattern), e.g.:\n"
+        + "\n".join(f"  {k:<21} {target(k).about}" for k in PRUNE_TARGETS)
         + "\n\nexample:\n  homefire models convert demo --to gguf-q8_0     # -> entry demo-gguf-q8_0",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cv.add_argument("source", help="registry entry (demo, demo@2), demo model name, or model directory")
-    cv.add_argument("--to", required=True, choices=list(TARGETS), metavar="FORMAT", help="target format (see below)")
+    cv.add_argument("--to", required=True, metavar="FORMAT", help="target format (see below)")
     cv.add_argument("--name", help="name of the new entry (default: SOURCE-FORMAT)")
     cv.add_argument("--force", action="store_true",
                     help="convert again even if this entry was already converted to FORMAT (default: reuse it)")
@@ -315,7 +339,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from homefire.train import load_train_config, run_training
 
-    cfg = load_train_config(args.config, _parse_overrides(args.set))  # a bad config fails before Ray starts
+    overrides = _parse_overrides(args.set)
+    if getattr(args, "distill", False):
+        overrides = {"method": "distill", **overrides}
+    cfg = load_train_config(args.config, overrides)  # a bad config fails before Ray starts
     report = run_training(cfg, address=args.address, resume=args.resume)
     print("\nrun summary:\n" + report.summary(), flush=True)
     print(f"report: {report.run_dir}/report.json   loss curve: {report.run_dir}/loss_curve.png")
@@ -424,7 +451,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     handler: dict[str, Any] = {
-        "serve": cmd_serve, "status": cmd_status, "train": cmd_train, "tune": cmd_tune, "models": cmd_models,
+        "serve": cmd_serve, "status": cmd_status, "train": cmd_train, "distill": cmd_train, "tune": cmd_tune, "models": cmd_models,
     }
     try:
         return handler[args.command](args)

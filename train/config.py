@@ -41,7 +41,8 @@ class LoraSpec(StrictModel):
 class DataSpec(StrictModel):
     """Where the examples are and how they become tokens."""
 
-    train: str = Field(description="A JSONL/JSON/CSV/Parquet/text file (or a directory of them) with the training rows.")
+    train: str = Field(description="A JSONL/JSON/CSV/Parquet/text file (or a directory of them) with the training rows, "
+                       "or builtin:pydoc-topics (English prose that ships with Python: no download).")
     eval: str | None = Field(None, description="Held-out rows; default: `eval_fraction` of `train`.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of `train` held out when `eval` is not given.")
     format: Literal["auto", "chat", "instruction", "text"] = Field(
@@ -120,6 +121,18 @@ class EvalSpec(StrictModel):
     )
 
 
+class DistillSpec(StrictModel):
+    """Knowledge distillation: the student (``model``) learns the teacher's next-token distribution.
+
+    loss = (1 - alpha) * cross-entropy on the data + alpha * T^2 * KL(teacher_T || student_T), forward KL at
+    temperature T over every target token; the teacher is frozen and must share the student's vocabulary.
+    """
+
+    teacher: str = Field(description="The teacher model: a registry entry, demo name or model directory.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KL term (0: plain fine-tuning, 1: logits only).")
+    temperature: float = Field(1.0, gt=0, le=20, description="Softmax temperature of both distributions in the KL.")
+
+
 class OutputSpec(StrictModel):
     """What the run hands to the registry."""
 
@@ -133,8 +146,10 @@ class TrainConfig(StrictModel):
     """A fine-tuning run. See ``train/configs/*.yaml``."""
 
     model: ModelSpec = Field(description="The base model (registry entry, directory or hub id).")
-    method: Literal["lora", "full"] = Field("lora", description="Train a LoRA adapter, or every parameter.")
+    method: Literal["lora", "full", "distill"] = Field(
+        "lora", description="Train a LoRA adapter, every parameter, or every parameter from a teacher (distill).")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter shape (method: lora).")
+    distill: DistillSpec | None = Field(None, description="Teacher and loss mix (method: distill).")
     data: DataSpec
     optim: OptimSpec = Field(default_factory=OptimSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
@@ -155,8 +170,13 @@ class TrainConfig(StrictModel):
             raise ValueError("lora.quantize needs method: lora. Fix: drop lora.quantize or set method: lora")
         if self.lora.quantize != "none" and self.deepspeed is not None:
             raise ValueError("lora.quantize (QLoRA) runs under DDP here, not DeepSpeed. Fix: drop deepspeed or set lora.quantize: none")
-        if self.method == "full" and self.output.merge:
-            raise ValueError("output.merge applies to method: lora (a full run already is a model). Fix: drop it")
+        if self.method != "lora" and self.output.merge:
+            raise ValueError(f"output.merge applies to method: lora (a {self.method} run already is a model). Fix: drop it")
+        if (self.method == "distill") != (self.distill is not None):
+            raise ValueError("method: distill and a distill section go together. Fix: set both (distill: {teacher: "
+                             "<model>}) or neither")
+        if self.method == "distill" and self.lora.quantize != "none":
+            raise ValueError("lora.quantize does not apply to method: distill (every parameter trains). Fix: drop it")
         return self
 
     def run_root(self) -> str:

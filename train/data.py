@@ -59,8 +59,19 @@ def _files(path: str) -> list[Path]:
     return [p]
 
 
+#: Text that ships with Python itself, usable as ``data.train`` anywhere (no download): pydoc's topic help.
+BUILTIN_PYDOC = "builtin:pydoc-topics"
+
+
 def read_rows(path: str) -> list[Row]:
-    """Read every row of a file (or directory of files); JSON Lines are parsed here so errors name the line."""
+    """Read every row of a file (or directory of files); JSON Lines are parsed here so errors name the line.
+
+    ``builtin:pydoc-topics`` is the English prose that ships with CPython, one row per topic (the demo models'
+    pretraining text; calibration and distillation data that needs no download)."""
+    if path == BUILTIN_PYDOC:
+        from homefire.models.pretrain import corpus_rows
+
+        return corpus_rows()
     rows: list[Row] = []
     for f in _files(path):
         if f.suffix == ".jsonl" or (f.suffix == ".json" and not f.read_text(errors="replace").lstrip().startswith("[")):

@@ -31,12 +31,14 @@ def merge_adapter(model_path: str, adapter_dir: str, out_dir: Path, trust_remote
 
 
 def register_result(cfg: TrainConfig, registry: Registry, artifact: Path, report, *, base_ref: str, base_hash: str,
-                    model_path: str) -> str:
+                    model_path: str, recipe_hash: str | None = None) -> str:
     """Register the run's result; returns the reference to serve it by (``base:adapter`` or ``name@N``)."""
     lineage = {
         "base": base_ref, "base_hash": base_hash, "data_hash": report.data.get("data_hash"), "run_id": report.run_id,
         "run_dir": report.run_dir, "method": cfg.method, "workers": cfg.scaling.workers,
     }
+    if cfg.distill is not None:
+        lineage["teacher"] = cfg.distill.teacher
     metrics = {
         "final_loss": report.final_loss, "eval_before": report.eval_before, "eval_after": report.eval_after,
         "exact_match": {k: v for k, v in report.exact_match.items() if k != "samples"}, "steps": report.steps,
@@ -45,16 +47,16 @@ def register_result(cfg: TrainConfig, registry: Registry, artifact: Path, report
     base_name = base_ref.split("@")[0]
     if cfg.method == "lora" and not cfg.output.merge:
         entry = registry.register(cfg.output.name, artifact, kind="adapter", parent=base_ref, metrics=metrics,
-                                  config=config, run=report.run_id)
+                                  config=config, run=report.run_id, recipe_hash=recipe_hash)
         return f"{base_name}:{entry.name}"
     if cfg.method == "lora":
         with tempfile.TemporaryDirectory(prefix="homefire-merge-") as tmp:
             merged = merge_adapter(model_path, str(artifact), Path(tmp) / "merged", cfg.model.trust_remote_code)
             entry = registry.register(cfg.output.name, merged, kind="base", parent=base_ref, metrics=metrics,
-                                      config={**config, "merged": True}, run=report.run_id)
+                                      config={**config, "merged": True}, run=report.run_id, recipe_hash=recipe_hash)
     else:
         entry = registry.register(cfg.output.name, artifact, kind="base", parent=base_ref, metrics=metrics,
-                                  config=config, run=report.run_id)
+                                  config=config, run=report.run_id, recipe_hash=recipe_hash)
     return entry.ref
 
 

@@ -73,6 +73,7 @@ class FinetuneRecipe:
         torch.manual_seed(self.cfg.optim.seed)
         random.seed(self.cfg.optim.seed)
         model = self._load_model()
+        self.teacher = self._load_teacher() if self.cfg.method == "distill" else None
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.trainable_params = sum(p.numel() for p in trainable)
         self.total_params = sum(p.numel() for p in model.parameters())
@@ -141,7 +142,7 @@ class FinetuneRecipe:
             kwargs["device_map"] = {"": self.device}
         model = AutoModelForCausalLM.from_pretrained(self.job["model_path"], **kwargs)
         model.config.use_cache = False
-        if self.cfg.method == "full":
+        if self.cfg.method in ("full", "distill"):
             return model
         from peft import LoraConfig, get_peft_model
 
@@ -154,6 +155,17 @@ class FinetuneRecipe:
             target_modules=self.cfg.lora.target_modules, task_type="CAUSAL_LM", bias="none",
         )
         return get_peft_model(model, lora)
+
+    def _load_teacher(self):
+        """The frozen teacher, in the student's dtype, on the worker's device."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        dtype = torch.float32 if self.cfg.model.dtype == "auto" and not self.cfg.scaling.use_gpu else (
+            "auto" if self.cfg.model.dtype == "auto" else getattr(torch, self.cfg.model.dtype))
+        teacher = AutoModelForCausalLM.from_pretrained(
+            self.job["teacher_path"], dtype=dtype, trust_remote_code=self.cfg.model.trust_remote_code)
+        return teacher.to(self.device).eval().requires_grad_(False)
 
     def _optimizer(self, params):
         import torch
@@ -179,7 +191,16 @@ class FinetuneRecipe:
     def _forward(self, batch):
         batch = {k: v.to(self.device) for k, v in batch.items()}
         out = self.model(**batch)
-        return out.loss, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), int(batch["attention_mask"].sum())
+        loss = out.loss
+        if self.teacher is not None:
+            import torch
+
+            spec = self.cfg.distill
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            kl = distill_kl(out.logits, teacher_logits, batch["labels"], spec.temperature)
+            loss = (1 - spec.alpha) * loss + spec.alpha * kl
+        return loss, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), int(batch["attention_mask"].sum())
 
     def train(self) -> None:
         import ray.train
@@ -369,6 +390,20 @@ class FinetuneRecipe:
 
     def cleanup(self) -> None:
         self.engine = None
+
+
+def distill_kl(student_logits, teacher_logits, labels, temperature: float = 1.0):
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), the mean over target tokens (the positions the LM loss
+    scores: shifted by one, labels not IGNORE_INDEX). Hinton et al.'s T^2 keeps the gradient scale independent of T."""
+    import torch.nn.functional as F
+
+    mask = labels[:, 1:] != IGNORE_INDEX
+    s = student_logits[:, :-1][mask].float() / temperature
+    t = teacher_logits[:, :-1][mask].float() / temperature
+    if s.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True, reduction="batchmean")
+    return kl * temperature ** 2
 
 
 def _quiet_ray_train_reports() -> None:

@@ -101,6 +101,26 @@ def resolve_base(cfg: TrainConfig, registry: Registry) -> tuple[str, str, str]:
     return path, cfg.model.source, _dir_hash(path) if Path(path).is_dir() else "hub:" + cfg.model.source
 
 
+def check_teacher(cfg: TrainConfig, registry: Registry, student_path: str, student_tokenizer) -> str:
+    """The teacher's path, after checking it shares the student's vocabulary (same token ids, same logit width);
+    ConfigError naming ``distill.teacher`` otherwise."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from homefire.models.build import resolve_source
+
+    path, _ = resolve_source(cfg.distill.teacher, registry)
+    kw = {"trust_remote_code": cfg.model.trust_remote_code}
+    teacher_tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    vocab_t, vocab_s = AutoConfig.from_pretrained(path, **kw).vocab_size, AutoConfig.from_pretrained(student_path, **kw).vocab_size
+    if vocab_t != vocab_s or teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise ConfigError(
+            f"distill.teacher {cfg.distill.teacher}: its vocabulary ({vocab_t} logits, {len(teacher_tokenizer)} tokens) "
+            f"is not the student's ({vocab_s} logits, {len(student_tokenizer)} tokens); the KL compares distributions "
+            "over the same token ids. Fix: a teacher from the same model family and tokenizer as model.source"
+        )
+    return path
+
+
 def _files_hash(files: dict[str, str]) -> str:
     import hashlib
 
@@ -130,6 +150,7 @@ def run_training(
     registry: Registry | None = None,
     prepared=None,
     quiet: bool = False,
+    recipe_hash: str | None = None,
 ) -> RunReport:
     """Run one fine-tuning job end to end and return its report.
 
@@ -139,6 +160,8 @@ def run_training(
         resume: a run id (or run directory) to continue from its last checkpoint.
         registry: where the base model is found and the result registered (default: ``$HOMEFIRE_HOME``).
         prepared: already tokenized data (:class:`~homefire.train.data.PreparedData`), e.g. from `build-demo`.
+        quiet: no start line (the caller reports progress).
+        recipe_hash: kept on the registered entry, so a caller can find this exact result again.
 
     Raises:
         ConfigError / DataError: before any worker starts, naming the key or the file and line.
@@ -155,6 +178,7 @@ def run_training(
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    teacher_path = check_teacher(cfg, registry, model_path, tokenizer) if cfg.method == "distill" else None
     data = prepared or prepare_data(cfg.data, tokenizer)
     per_worker = data.train.num_rows // cfg.scaling.workers
     steps_per_epoch = per_worker // cfg.optim.batch_size // cfg.optim.grad_accum
@@ -198,7 +222,7 @@ def run_training(
     job = {
         "model_path": model_path, "pad_id": tokenizer.pad_token_id, "total_steps": total_steps,
         "steps_per_epoch": steps_per_epoch, "metrics_log": str(run_dir / "metrics.jsonl") if local else None,
-        "resume_from": str(resume_from) if resume_from else None,
+        "resume_from": str(resume_from) if resume_from else None, "teacher_path": teacher_path,
     }
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     trainer = TorchTrainer(
@@ -248,7 +272,8 @@ def run_training(
     if artifact is not None and cfg.output.to_registry:
         from homefire.train.export import register_result
 
-        entry = register_result(cfg, registry, artifact, report, base_ref=base_ref, base_hash=base_hash, model_path=model_path)
+        entry = register_result(cfg, registry, artifact, report, base_ref=base_ref, base_hash=base_hash, model_path=model_path,
+                                recipe_hash=recipe_hash)
         report.entry = entry
     report.wall_s = round(time.time() - t0, 1)
     write_report(report, run_dir if local else None)

@@ -3,7 +3,7 @@
 Example (``tune/configs/demo-quantize.yaml``)::
 
     model: {source: demo}
-    space: {quantize: [onnx-int8, onnx-int4, gguf-q8_0, gguf-q4_0, vllm-w8a8]}
+    space: {quantize: [onnx-int8, onnx-int4, gguf-q8_0, gguf-q4_0, vllm-w8a8], prune: [wanda-50, mlp-25]}
     select: {max_ppl_increase: 0.02, concurrency: 1}
 """
 
@@ -22,13 +22,52 @@ from homefire.errors import ConfigError
 HELDOUT_TEXT = Path(__file__).parent / "data" / "heldout.txt"
 
 
+def _structured(prune_target: str) -> bool:
+    from homefire.convert import prune
+
+    return prune.parse(prune_target).structured
+
+
+class DistillStep(StrictModel):
+    """Distillation as a step of a trial: the pruned student learns the original's logits on Ray Train."""
+
+    steps: int = Field(60, ge=1, le=1_000_000, description="Optimizer steps.")
+    alpha: float = Field(0.5, ge=0, le=1, description="loss = (1 - alpha) * CE + alpha * T^2 * KL(original || student).")
+    temperature: float = Field(1.0, gt=0, le=20, description="Softmax temperature of the KL.")
+    lr: float = Field(1e-3, gt=0, le=1, description="Peak learning rate (cosine schedule).")
+    batch_size: int = Field(8, ge=1, le=4096, description="Sequences per optimizer step per worker.")
+    max_length: int = Field(256, ge=16, le=131_072, description="Tokens per training sequence.")
+    data: str = Field("builtin:pydoc-topics", description="Training text: a data file as `homefire train` reads, or "
+                      "builtin:pydoc-topics (English prose shipped with Python; not the held-out eval text).")
+    workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (DDP).")
+    cpus_per_worker: float = Field(1.0, gt=0, le=1024, description="Logical CPUs per worker.")
+    use_gpu: bool = Field(False, description="Train on one GPU per worker.")
+
+
 class SpaceSpec(StrictModel):
-    """What the sweep tries: one trial per value (grid search)."""
+    """What the sweep tries: one trial per variant (grid search)."""
 
     quantize: list[str] = Field(
-        min_length=1,
+        default_factory=list,
         description="Formats to make and measure (`homefire models convert --to` values): onnx-int4, onnx-int8, "
         "onnx-fp32, gguf-q8_0, gguf-q4_0, gguf-f16, gguf-f32, vllm-w8a8, vllm-w4a16.",
+    )
+    prune: list[str] = Field(
+        default_factory=list,
+        description="Pruned variants, `<method>-<percent removed>`: wanda-50, magnitude-50, wanda-2of4 (unstructured, "
+        "quality-only), mlp-25, heads-50, layers-25 (structured: smaller and faster). Served on vLLM.",
+    )
+    prune_then_quantize: bool = Field(
+        False, description="Also try every pruned variant in every quantize format (prune-mlp-25+gguf-q4_0).",
+    )
+    distill: DistillStep | None = Field(
+        None, description="Distill every structured pruning from the original before it is measured (or quantized): "
+        "prune-layers-25+distill. Also the settings of `distill` steps in chains.",
+    )
+    chains: list[str] = Field(
+        default_factory=list,
+        description="Explicit variants, steps joined by '+': a pruning, `distill`, then a format, e.g. "
+        "prune-mlp-25+distill+gguf-q4_0.",
     )
 
     @field_validator("quantize")
@@ -42,6 +81,74 @@ class SpaceSpec(StrictModel):
         if len(set(values)) != len(values):
             raise ValueError("a format is listed twice; fix: list each once")
         return values
+
+    @field_validator("prune")
+    @classmethod
+    def _known_pruning(cls, values: list[str]) -> list[str]:
+        from homefire.convert import prune
+
+        out = []
+        for v in values:
+            name = v if v.startswith("prune-") else f"prune-{v}"
+            try:
+                prune.parse(name)
+            except ConfigError as err:
+                raise ValueError(str(err).replace("prune-<", "<").replace("'prune-", "'")) from None
+            out.append(name)
+        if len(set(out)) != len(out):
+            raise ValueError("a pruning is listed twice; fix: list each once")
+        return out
+
+    @field_validator("chains")
+    @classmethod
+    def _known_chains(cls, values: list[str]) -> list[str]:
+        from homefire.convert import TARGETS, prune
+
+        for chain in values:
+            steps = chain.split("+")
+            for i, step in enumerate(steps):
+                if step == "distill":
+                    if i == 0 or not steps[i - 1].startswith("prune-"):
+                        raise ValueError(f"{chain}: distill follows a pruning (prune-mlp-25+distill); fix: reorder it")
+                elif step.startswith("prune-"):
+                    try:
+                        prune.parse(step)
+                    except ConfigError as err:
+                        raise ValueError(f"{chain}: {err}") from None
+                    if i:
+                        raise ValueError(f"{chain}: a pruning comes first; fix: prune-...+distill+<format>")
+                elif step not in TARGETS:
+                    raise ValueError(f"{chain}: '{step}' is neither a pruning, distill nor a format; fix: one of "
+                                     f"{', '.join(TARGETS)}")
+                elif i != len(steps) - 1:
+                    raise ValueError(f"{chain}: the format ({step}) is the last step; fix: move it to the end")
+        if len(set(values)) != len(values):
+            raise ValueError("a chain is listed twice; fix: list each once")
+        return values
+
+    @model_validator(mode="after")
+    def _something(self) -> "SpaceSpec":
+        if self.distill is not None and not any(_structured(p) for p in self.prune) and not any(
+                "+distill" in c for c in self.chains):
+            raise ValueError("distill heals structured prunings; none is listed. Fix: add one to space.prune (mlp-25, "
+                             "heads-50, layers-25), or drop space.distill")
+        if not self.quantize and not self.prune and not self.chains:
+            raise ValueError("the space is empty; fix: list formats under space.quantize or prunings under space.prune")
+        if self.prune_then_quantize and not (self.quantize and self.prune):
+            raise ValueError("prune_then_quantize needs both space.prune and space.quantize; fix: list both, or drop it")
+        return self
+
+    def variants(self) -> list[str]:
+        """Every variant the space names, in order: formats, prunings, distilled prunings, then each pruning (distilled
+        where distillation is on) in each format."""
+        distilled = [f"{p}+distill" for p in self.prune if self.distill is not None and _structured(p)]
+        final = [f"{p}+distill" if f"{p}+distill" in distilled else p for p in self.prune]
+        combos = [f"{p}+{q}" for p in final for q in self.quantize] if self.prune_then_quantize else []
+        return list(dict.fromkeys([*self.quantize, *self.prune, *distilled, *combos, *self.chains]))
+
+    def distill_settings(self) -> DistillStep:
+        return self.distill or DistillStep()
+
 
 
 class EvalSpec(StrictModel):
@@ -80,6 +187,8 @@ class TuneConfig(StrictModel):
     speed: SpeedSpec = Field(default_factory=SpeedSpec)
     select: SelectSpec = Field(default_factory=SelectSpec)
     cpus_per_trial: float = Field(1.0, gt=0, le=1024, description="Logical CPUs each trial reserves.")
+    gpus_per_trial: float = Field(0.0, ge=0, le=8, description="GPUs each trial reserves (a fraction shares one); "
+                                  "the variant's engine and the fp32 reference then run on CUDA.")
     max_concurrent_trials: int = Field(1, ge=1, le=1024, description="Trials at once (one on a 2-core box).")
     storage_path: str | None = Field(None, description="Where trial results go; default $HOMEFIRE_HOME/tune.")
     search: Literal["grid"] = Field("grid", description="Search algorithm: one trial per value of the space.")
@@ -108,10 +217,37 @@ def machine_refusals(cfg: TuneConfig) -> list[str]:
     from homefire.convert import compressed
 
     out = []
-    if "vllm-w4a16" in cfg.space.quantize and "avx512f" not in compressed.cpu_flags() and not compressed._has_cuda():
+    steps = {step for v in cfg.space.variants() for step in v.split("+")}
+    if "vllm-w4a16" in steps and "avx512f" not in compressed.cpu_flags() and not compressed._has_cuda():
         out.append("space.quantize: vllm-w4a16 needs AVX-512 (avx512f) or a CUDA GPU, which this machine lacks; "
                    "fix: remove it, or use vllm-w8a8 / gguf-q4_0")
+    if "vllm-fp8" in steps and not compressed._has_cuda():
+        out.append("space.quantize: vllm-fp8 runs on CUDA GPUs only (fp8 GEMMs: compute capability 8.9+, Marlin "
+                   "weight-only on 8.0), and this machine has none; fix: remove it, or use vllm-w8a8 on CPU")
+    if cfg.gpus_per_trial > 0 and not compressed._has_cuda():
+        out.append(f"gpus_per_trial: {cfg.gpus_per_trial} but this machine has no CUDA GPU; fix: set it to 0 (CPU "
+                   "trials), or run the sweep on a GPU node (ray job submit -- homefire tune ...)")
     return out
+
+
+def check_space(cfg: TuneConfig, src: str | Path) -> None:
+    """Refuse, before any trial runs, what the model in ``src`` cannot become: a pruning its shapes do not allow
+    (2:4 on a width not divisible by 4, more heads than it has), a format its architecture has no converter for."""
+    from homefire.convert import _module, target
+
+    problems = []
+    for variant in cfg.space.variants():
+        for step in variant.split("+"):
+            if step == "distill":
+                continue
+            try:
+                _module(target(step)).check(Path(src), step)
+            except ConfigError as err:
+                key = "space.prune" if step.startswith("prune-") else "space.quantize"
+                problems.append(f"{key}: {err}" if str(err).startswith(step) else f"{key}: {step}: {err}")
+    if problems:
+        raise ConfigError("the sweep cannot make these variants of " + f"{cfg.model.source}:\n  "
+                          + "\n  ".join(dict.fromkeys(problems)))
 
 
 def load_tune_config(path: str | Path, overrides: dict | None = None) -> TuneConfig:

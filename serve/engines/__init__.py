@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 
 from homefire.errors import ConfigError
-from homefire.serve.engines.protocol import Delta, Engine, SamplingSpec
+from homefire.serve.engines.protocol import MAX_SCORE_TOP_K, Delta, Engine, SamplingSpec, Scores
 
 #: kind -> "module:Class". `mock` is the test engine for the layers above the engine seam.
 ENGINES = {
@@ -36,4 +36,4 @@ def engine_class(kind: str) -> type:
         raise ConfigError(f"engine '{kind}' cannot be imported ({err}). Fix: {hint}") from err
 
 
-__all__ = ["ENGINES", "Delta", "Engine", "SamplingSpec", "engine_class"]
+__all__ = ["ENGINES", "MAX_SCORE_TOP_K", "Delta", "Engine", "SamplingSpec", "Scores", "engine_class"]

@@ -44,7 +44,9 @@ from homefire.errors import (
     ConfigError, EngineError, EngineStartTimeout, HomefireError, InvalidRequest,
 )
 from homefire.serve.config import LlamaCppModelConfig
-from homefire.serve.engines.protocol import Capabilities, Delta, NoAdapters, SamplingSpec
+from homefire.serve.engines.protocol import (
+    Capabilities, Delta, NoAdapters, SamplingSpec, Scores, check_score_request,
+)
 from homefire.serve.engines.text import IncrementalText
 
 logger = logging.getLogger(__name__)
@@ -480,43 +482,35 @@ class LlamaCppEngine(NoAdapters):
 
     # -- scoring ---------------------------------------------------------------------------------------------------
 
-    async def score(self, token_ids: list[int]) -> list[float]:
-        """Log-probabilities (natural log) of ``token_ids[i]`` given ``token_ids[:i]``, for i = 1 .. n-1.
+    async def score(self, token_ids: list[int], top_k: int = 0) -> Scores:
+        """Log-probabilities (natural log) of ``token_ids[i]`` given ``token_ids[:i]``, for i = 1 .. n-1, and the
+        ``top_k`` most likely tokens at each.
 
-        ``exp(-mean(score(ids)))`` is the perplexity of the text. Runs on a slot like a request does.
+        ``exp(-mean(score(ids).logprobs))`` is the perplexity of the text. Runs on a slot like a request does.
 
         Raises:
-            InvalidRequest: more tokens than the context holds.
+            InvalidRequest: fewer than 2 tokens, more than the context holds, or top_k over MAX_SCORE_TOP_K.
         """
         await self.check_health()
-        if len(token_ids) > self.max_model_len:
-            raise InvalidRequest(
-                f"{len(token_ids)} tokens do not fit the {self.max_model_len}-token context. "
-                "Fix: score shorter windows",
-                param="prompt",
-            )
-        if len(token_ids) < 2:
-            return []
+        check_score_request(token_ids, top_k, self.max_model_len)
         loop = asyncio.get_running_loop()
         slot = await self._free.get()
-        return await asyncio.wrap_future(self._submit(loop, slot, self._score, list(token_ids)))
+        return await asyncio.wrap_future(self._submit(loop, slot, self._score, (list(token_ids), top_k)))
 
-    def _score(self, llm: Any, ids: list[int]) -> list[float]:
+    def _score(self, llm: Any, request: tuple[list[int], int]) -> Scores:
+        ids, top_k = request
         # Llama.eval keeps logits of every position only when the whole context was built with logits_all, which
         # costs n_ctx x n_vocab floats per slot; asking for them per batch (llama-cpp-python 0.3.36 internals) does not.
         n_vocab = llm.n_vocab()
-        out: list[float] = []
+        out = Scores([])
         for start in range(0, len(ids), llm.n_batch):
             chunk = ids[start : start + llm.n_batch]
             llm._ctx.kv_cache_seq_rm(-1, start, -1)
             llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
             llm._ctx.decode(llm._batch)
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk), n_vocab)).astype(np.float64)
-            targets = np.asarray(ids[start + 1 : start + 1 + len(chunk)])
-            rows = logits[: len(targets)]
-            peak = rows.max(axis=1, keepdims=True)
-            log_z = (peak + np.log(np.exp(rows - peak).sum(axis=1, keepdims=True)))[:, 0]
-            out.extend((rows[np.arange(len(targets)), targets] - log_z).tolist())
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk), n_vocab))
+            targets = ids[start + 1 : start + 1 + len(chunk)]
+            out.extend(Scores.from_logits(logits[: len(targets)], targets, top_k))
         llm.input_ids[: len(ids)] = ids  # the slot's cache now holds ids: a prompt sharing a prefix reuses it
         llm.n_tokens = len(ids)
         return out

@@ -38,7 +38,9 @@ from typing import Any
 
 from homefire.errors import ConfigError, EngineError, EngineStartTimeout, InvalidRequest
 from homefire.serve.config import OnnxModelConfig
-from homefire.serve.engines.protocol import Capabilities, Delta, NoAdapters, SamplingSpec
+from homefire.serve.engines.protocol import (
+    Capabilities, Delta, NoAdapters, SamplingSpec, Scores, check_score_request,
+)
 from homefire.serve.engines.text import HFTokenizer, IncrementalText
 
 logger = logging.getLogger(__name__)
@@ -345,7 +347,7 @@ class OnnxEngine(NoAdapters):
 
     # -- scoring -----------------------------------------------------------------------------------------------
 
-    def _score(self, token_ids: list[int]) -> list[float]:
+    def _score(self, token_ids: list[int], top_k: int) -> Scores:
         import numpy as np
 
         og = self._og
@@ -353,27 +355,22 @@ class OnnxEngine(NoAdapters):
         params.set_search_options(max_length=len(token_ids), do_sample=False)
         gen = og.Generator(self._model, params)
         gen.append_tokens(np.asarray(token_ids, dtype=np.int32))
-        logits = np.asarray(gen.get_output("logits"), dtype=np.float64)[0, :-1]  # [n-1, vocab]
-        peak = logits.max(axis=-1, keepdims=True)
-        logz = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=-1))
-        targets = np.asarray(token_ids[1:])
-        return (logits[np.arange(len(targets)), targets] - logz).tolist()
+        logits = np.asarray(gen.get_output("logits"))[0, :-1]  # [n-1, vocab]
+        return Scores.from_logits(logits, token_ids[1:], top_k)
 
-    async def score(self, token_ids: list[int]) -> list[float]:
-        """Log-probabilities of ``token_ids[i]`` given ``token_ids[:i]``, for i = 1 .. n-1 (one forward pass).
+    async def score(self, token_ids: list[int], top_k: int = 0) -> Scores:
+        """Log-probabilities of ``token_ids[i]`` given ``token_ids[:i]``, for i = 1 .. n-1, and the ``top_k`` most
+        likely tokens at each (one forward pass).
 
-        Perplexity is ``exp(-mean(score(ids)))``. Raises InvalidRequest for fewer than 2 tokens or more than
-        ``max_model_len``.
+        Perplexity is ``exp(-mean(score(ids).logprobs))``. Raises InvalidRequest for fewer than 2 tokens or more than
+        ``max_model_len``, or a ``top_k`` over MAX_SCORE_TOP_K.
         """
         self._require_started()
-        if not 2 <= len(token_ids) <= self.max_model_len:
-            raise InvalidRequest(
-                f"score needs 2 to {self.max_model_len} tokens, got {len(token_ids)}", param="prompt"
-            )
+        check_score_request(token_ids, top_k, self.max_model_len)
         async with self._slots:
             self._running += 1
             try:
-                return await asyncio.get_running_loop().run_in_executor(self._executor, self._score, list(token_ids))
+                return await asyncio.get_running_loop().run_in_executor(self._executor, self._score, list(token_ids), top_k)
             except Exception as err:
                 raise EngineError(f"ONNX Runtime failed scoring for '{self.cfg.name}': {err}") from err
             finally:

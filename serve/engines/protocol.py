@@ -28,6 +28,10 @@ from typing import Any, AsyncIterator, Protocol, runtime_checkable
 from homefire.errors import AdapterNotFound, InvalidRequest
 
 
+#: The most top tokens ``Engine.score`` returns per position (vLLM's default ``max_logprobs``).
+MAX_SCORE_TOP_K = 20
+
+
 @dataclass
 class SamplingSpec:
     """Engine-neutral sampling parameters (validated by the OpenAI layer before they get here)."""
@@ -50,6 +54,44 @@ class SamplingSpec:
     json_schema: dict | None = None
     #: Any valid JSON object (``response_format: json_object``).
     json_object: bool = False
+
+
+@dataclass
+class Scores:
+    """What a model thinks of a text: for each position i = 1 .. n-1 of ``token_ids``, the log-probability of
+    ``token_ids[i]`` given ``token_ids[:i]``, and (when asked) the ``top_k`` most likely tokens there."""
+
+    logprobs: list[float]
+    #: One ``{token id: logprob}`` per position, the ``top_k`` most likely; empty when ``top_k`` was 0.
+    top: list[dict[int, float]] = field(default_factory=list)
+
+    @classmethod
+    def from_logits(cls, logits: Any, targets: Any, top_k: int = 0) -> "Scores":
+        """From raw logits ``[n, vocab]`` (numpy) of the positions that predict ``targets`` ``[n]``."""
+        import numpy as np
+
+        rows = np.asarray(logits, dtype=np.float64)
+        peak = rows.max(axis=1, keepdims=True)
+        logp = rows - (peak + np.log(np.exp(rows - peak).sum(axis=1, keepdims=True)))
+        targets = np.asarray(targets)
+        out = cls(logp[np.arange(len(targets)), targets].tolist())
+        if top_k:
+            best = np.argpartition(-logp, top_k - 1, axis=1)[:, :top_k]
+            out.top = [{int(t): float(row[t]) for t in ids} for row, ids in zip(logp, best)]
+        return out
+
+    def extend(self, other: "Scores") -> None:
+        self.logprobs += other.logprobs
+        self.top += other.top
+
+
+def check_score_request(token_ids: list[int], top_k: int, max_tokens: int) -> None:
+    """InvalidRequest unless 2 <= len(token_ids) <= max_tokens and 0 <= top_k <= MAX_SCORE_TOP_K."""
+    if not 2 <= len(token_ids) <= max_tokens:
+        raise InvalidRequest(f"score needs 2 to {max_tokens} tokens, got {len(token_ids)}. Fix: score shorter windows",
+                             param="prompt")
+    if not 0 <= top_k <= MAX_SCORE_TOP_K:
+        raise InvalidRequest(f"top_k {top_k} is outside 0..{MAX_SCORE_TOP_K}", param="top_k")
 
 
 @dataclass
@@ -119,9 +161,10 @@ class Engine(Protocol):
     ) -> AsyncIterator[Delta]:
         """Stream deltas for ``sampling.n`` choices of one prompt."""
 
-    async def score(self, token_ids: list[int]) -> list[float]:
-        """Log-probabilities of ``token_ids[i]`` given ``token_ids[:i]`` for i = 1 .. n-1: the model's own view of a
-        text, so perplexity (``exp(-mean)``) is measured on the engine that serves the variant."""
+    async def score(self, token_ids: list[int], top_k: int = 0) -> Scores:
+        """Log-probabilities of ``token_ids[i]`` given ``token_ids[:i]`` for i = 1 .. n-1, and the ``top_k`` most
+        likely tokens at each position: the model's own view of a text, so perplexity (``exp(-mean)``), agreement and
+        divergence are measured on the engine that serves the variant. At most :data:`MAX_SCORE_TOP_K` top tokens."""
         ...
 
     async def check_health(self) -> None:

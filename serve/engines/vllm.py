@@ -14,7 +14,7 @@ from typing import Any
 
 from homefire.errors import AdapterNotFound, EngineError, EngineStartTimeout, InvalidRequest
 from homefire.serve.config import VLLMModelConfig
-from homefire.serve.engines.protocol import Capabilities, Delta, SamplingSpec
+from homefire.serve.engines.protocol import Capabilities, Delta, SamplingSpec, Scores, check_score_request
 from homefire.serve.engines.text import HFTokenizer
 
 logger = logging.getLogger(__name__)
@@ -158,21 +158,25 @@ class VLLMEngine:
             if not finished:
                 await self._engine.abort(request_id)
 
-    async def score(self, token_ids: list[int]) -> list[float]:
-        """Log-probabilities of ``token_ids[i]`` given ``token_ids[:i]`` (vLLM's prompt logprobs), i = 1 .. n-1."""
+    async def score(self, token_ids: list[int], top_k: int = 0) -> Scores:
+        """Log-probabilities of ``token_ids[i]`` given ``token_ids[:i]`` (vLLM's prompt logprobs), i = 1 .. n-1, and
+        the ``top_k`` most likely tokens at each position."""
         import uuid
 
         from vllm import SamplingParams
 
-        if not 2 <= len(token_ids) < self.max_model_len:
-            raise InvalidRequest(f"score needs 2 to {self.max_model_len - 1} tokens, got {len(token_ids)}", param="prompt")
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+        check_score_request(token_ids, top_k, self.max_model_len - 1)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, temperature=0)
         final = None
         async for out in self._engine.generate({"prompt_token_ids": token_ids}, params, f"score-{uuid.uuid4().hex}"):
             final = out
-        # prompt_logprobs[0] is None (no context); entry i maps each candidate id to its Logprob, the prompt's own
-        # token always among them.
-        return [final.prompt_logprobs[i][t].logprob for i, t in enumerate(token_ids) if i > 0]
+        # prompt_logprobs[0] is None (no context); entry i maps each candidate id to its Logprob (the top_k by rank,
+        # and the prompt's own token always among them).
+        positions = final.prompt_logprobs[1:]
+        out = Scores([pos[t].logprob for pos, t in zip(positions, token_ids[1:])])
+        if top_k:
+            out.top = [{t: lp.logprob for t, lp in pos.items() if lp.rank <= top_k} for pos in positions]
+        return out
 
     async def check_health(self) -> None:
         if self._engine is None:

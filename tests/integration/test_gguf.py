@@ -206,11 +206,21 @@ def test_greedy_text_equals_transformers(loop, engines, hf):
 def test_score_equals_transformers_logprobs(loop, engines, hf):
     ids = engines["f32"].tokenizer.encode(HELD_OUT)
     assert 200 < len(ids) < 512
-    got = run(loop, engines["f32"].score(ids))
-    want = _hf_logprobs(hf, ids)
+    scores = run(loop, engines["f32"].score(ids, top_k=5))
+    got, want = scores.logprobs, _hf_logprobs(hf, ids)
     assert len(got) == len(want) == len(ids) - 1
     assert max(abs(a - b) for a, b in zip(got, want)) < 2e-3
     assert abs(_ppl(got) / _ppl(want) - 1) < 1e-3
+    # the top tokens at each position: 5 of them, the most likely first among them, as transformers ranks them
+    import torch
+
+    with torch.no_grad():
+        top = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].double(), -1).topk(5)
+    assert len(scores.top) == len(got) and all(len(t) == 5 for t in scores.top)
+    argmax = [max(t, key=t.get) for t in scores.top]
+    assert sum(a == b for a, b in zip(argmax, top.indices[:, 0].tolist())) >= 0.99 * len(argmax)
+    assert max(abs(t[i] - v) for t, i, v in zip(scores.top, top.indices[:, 0].tolist(), top.values[:, 0].tolist())
+               if i in t) < 2e-3
 
 
 #: Measured on demo-tiny (random init, 397 held-out tokens): perplexity ratio to fp32 transformers 0.9997 (q8_0) and
@@ -222,7 +232,7 @@ QUANT_BOUNDS = {"q8_0": (1.005, 0.05), "q4_0": (1.06, 0.6)}
 def test_quantized_perplexity_stays_close(loop, engines, hf, quant):
     ids = engines["f32"].tokenizer.encode(HELD_OUT)
     reference = _hf_logprobs(hf, ids)
-    quantized = run(loop, engines[quant].score(ids))
+    quantized = run(loop, engines[quant].score(ids)).logprobs
     ratio = _ppl(quantized) / _ppl(reference)
     drift = sum(abs(a - b) for a, b in zip(quantized, reference)) / len(reference)
     print(f"{quant}: perplexity {_ppl(quantized):.2f} vs fp32 transformers {_ppl(reference):.2f} "
@@ -236,7 +246,7 @@ def test_q4_0_loses_more_than_q8_0(loop, engines, hf):
     ids = engines["f32"].tokenizer.encode(HELD_OUT)
     reference = _hf_logprobs(hf, ids)
     drift = {
-        q: sum(abs(a - b) for a, b in zip(run(loop, engines[q].score(ids)), reference)) for q in ("q8_0", "q4_0")
+        q: sum(abs(a - b) for a, b in zip(run(loop, engines[q].score(ids)).logprobs, reference)) for q in ("q8_0", "q4_0")
     }
     assert drift["q4_0"] > 3 * drift["q8_0"]
 

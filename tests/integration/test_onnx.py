@@ -132,7 +132,7 @@ def test_fp32_greedy_and_scores_match_transformers(fp32_engine, reference):
     assert _texts(deltas)[0] == reference["tok"].decode(ref)
     assert sum(d.num_tokens for d in deltas) == len(ref)
     assert _finish(deltas) == ("length" if len(ref) == NEW_TOKENS else "stop")
-    scores = loop.run_until_complete(engine.score(reference["prompt"]))
+    scores = loop.run_until_complete(engine.score(reference["prompt"], top_k=2)).logprobs
     assert len(scores) == len(reference["prompt"]) - 1
     assert max(abs(a - b) for a, b in zip(scores, reference["prompt_logprobs"])) < 1e-3
 
@@ -149,7 +149,7 @@ def test_quantized_perplexity_and_entry(converted, reference, to):
     async def ppl() -> float:
         engine = await _started(entry.path)
         try:
-            return _ppl(await engine.score(reference["para"]))
+            return _ppl((await engine.score(reference["para"])).logprobs)
         finally:
             await engine.shutdown()
 

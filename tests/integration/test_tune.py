@@ -1,7 +1,7 @@
 """`homefire tune` end to end, as a user runs it: a real Ray Tune sweep over GGUF and ONNX variants of the tiny
-model (each measured on its own engine), the driver SIGKILLed after its first trial and resumed with `--resume`,
-then the report, the Pareto plot, and the winner served from the emitted config through the official client,
-answering what the sweep measured.
+model and a chain (structured pruning, distillation from the original on Ray Train, then GGUF), each measured on its
+own engine, the driver SIGKILLed after its first trial and resumed with `--resume`, then the report, the Pareto plot,
+and the winner served from the emitted config through the official client, answering what the sweep measured.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from tests.helpers import ServeCluster
 
 pytestmark = pytest.mark.integration
 
-VARIANTS = ["gguf-q8_0", "onnx-int8"]
+QUANTIZE = ["gguf-q8_0", "onnx-int8"]
+CHAIN = "prune-mlp-25+distill+gguf-q8_0"
+VARIANTS = [*QUANTIZE, CHAIN]
 
 
 def _cli(*args: str) -> list[str]:
@@ -33,7 +35,8 @@ def sweep(tmp_path_factory, tiny_model_path):
     root = tmp_path_factory.mktemp("tune")
     cfg = root / "sweep.yaml"
     cfg.write_text(yaml.safe_dump({
-        "name": "tiny-sweep", "model": {"source": "demo-tiny"}, "space": {"quantize": VARIANTS},
+        "name": "tiny-sweep", "model": {"source": "demo-tiny"}, "space": {"quantize": QUANTIZE, "chains": [CHAIN],
+                  "distill": {"steps": 3, "batch_size": 4, "max_length": 64}},
         "eval": {"max_tokens": 256, "window": 128},
         "speed": {"concurrency": [1, 2], "prompts": 2, "input_len": 16, "output_len": 8},
         # demo-tiny has random weights: the bound is loose; the demo config uses 0.02 on the pretrained model
@@ -73,8 +76,28 @@ def test_every_variant_is_measured_on_its_engine(sweep):
         assert r["perplexity"] > 1 and r["size_bytes"] > 0 and r["peak_memory_bytes"] > 0
         assert r["c1_output_tok_s"] > 0 and r["c2_output_tok_s"] > 0 and r["c1_p50_ttft_ms"] > 0
         assert r["scored_tokens"] == rows["original"]["scored_tokens"]  # the same windows of the same text
+        assert r["kl_to_original"] >= 0 and 0 < r["top1_agreement"] <= 1
+    assert (rows["original"]["kl_to_original"], rows["original"]["top1_agreement"]) == (0, 1)
     # 8-bit formats stay close to the original (measured ~0.1 %): a broken conversion would not
     assert abs(rows["gguf-q8_0"]["ppl_increase"]) < 0.02 and abs(rows["onnx-int8"]["ppl_increase"]) < 0.02
+    # a quarter of the MLP gone moves the distribution more than 8-bit weights do
+    assert rows[CHAIN]["kl_to_original"] > rows["gguf-q8_0"]["kl_to_original"]
+
+
+def test_the_chain_prunes_distills_then_quantizes(sweep):
+    from homefire.registry import Registry
+
+    _, report, _, _ = sweep
+    row = next(r for r in report["rows"] if r["variant"] == CHAIN)
+    assert row["engine"] == "llamacpp" and row["distill_steps"] == 3 and row["size_bytes"] < next(
+        r["size_bytes"] for r in report["rows"] if r["variant"] == "gguf-q8_0")
+    reg = Registry()
+    quantized = reg.get(row["entry"])
+    distilled = reg.get(quantized.parent)
+    pruned = reg.get(distilled.parent)
+    assert distilled.config["lineage"]["method"] == "distill" and distilled.config["lineage"]["teacher"] == "demo-tiny"
+    assert pruned.config["recipe"]["to"] == "prune-mlp-25" and pruned.config["recipe"]["shape"]["after"]["intermediate"] < \
+        pruned.config["recipe"]["shape"]["before"]["intermediate"]
 
 
 def test_progress_lines_and_resume(sweep):
@@ -87,7 +110,7 @@ def test_report_plot_and_the_winner(sweep):
     experiment, report, _, _ = sweep
     assert report["best"] in VARIANTS and set(report["best_by_concurrency"]) == {"1", "2"}
     best = next(r for r in report["rows"] if r["variant"] == report["best"])
-    others = [r for r in report["rows"] if r["variant"] in VARIANTS]
+    others = [r for r in report["rows"] if r["variant"] in VARIANTS and r["status"] == "ok"]
     assert best["c1_output_tok_s"] == max(r["c1_output_tok_s"] for r in others if r["ppl_increase"] <= 0.05)
     md = (experiment / "report.md").read_text()
     assert "| original | transformers | ok |" in md and f"**Best for 1 stream(s): {report['best']}**" in md

@@ -40,8 +40,11 @@ async def _perplexity(path: str) -> tuple[float, str]:
     await engine.start(timeout_s=300)
     try:
         ids = [1] + engine.tokenizer.encode(TEXT)
-        logprobs = await engine.score(ids)
-        assert len(logprobs) == len(ids) - 1
+        scores = await engine.score(ids, top_k=3)
+        logprobs = scores.logprobs
+        assert len(logprobs) == len(ids) - 1 and len(scores.top) == len(logprobs)
+        # vLLM's prompt logprobs by rank: 3 per position, the prompt's own token kept only in `logprobs`
+        assert all(len(t) == 3 and max(t.values()) >= lp - 1e-6 for t, lp in zip(scores.top, logprobs))
         return math.exp(-sum(logprobs) / len(logprobs)), engine._engine.model_config.dtype
     finally:
         await engine.shutdown()

@@ -20,7 +20,8 @@ BASE = {"model": {"source": "demo-tiny"}, "data": {"train": "x.jsonl"}, "output"
 @pytest.mark.parametrize("path", TRAIN_YAMLS, ids=lambda p: p.name)
 def test_every_shipped_train_yaml_loads_and_says_how_to_run_it(path):
     text = path.read_text()
-    assert text.startswith("#") and "homefire train" in text.split("\n\n")[0]
+    assert text.startswith("#") and ("homefire train" in text.split("\n\n")[0]
+                                     or "homefire distill" in text.split("\n\n")[0])
     cfg = load_train_config(path)
     assert cfg.output.name and cfg.scaling.workers >= 1
 
@@ -48,6 +49,10 @@ def test_unknown_key_is_named_with_a_suggestion():
     ({"method": "full", "output": {"name": "a", "merge": True}}, "output.merge applies to method: lora"),
     ({"output": {"name": "bad name!"}}, "output.name"),
     ({"scaling": {"workers": 0}}, "scaling.workers"),
+    ({"method": "distill"}, "method: distill and a distill section go together"),
+    ({"distill": {"teacher": "demo"}}, "method: distill and a distill section go together"),
+    ({"method": "distill", "distill": {"teacher": "demo", "alpha": 1.5}}, "distill.alpha"),
+    ({"method": "distill", "distill": {"teacher": "demo"}, "lora": {"quantize": "4bit"}}, "lora.quantize does not apply"),
 ])
 def test_cross_field_errors_name_the_key_and_fix(extra, words):
     with pytest.raises(ConfigError) as err:
@@ -81,3 +86,40 @@ def test_deepspeed_config_follows_the_train_config():
     assert ds["zero_optimization"]["offload_param"] == {"device": "cpu"}
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
     assert "bf16" not in ds  # fp32 on CPU
+
+
+def test_distill_kl_is_the_forward_kl_over_target_tokens():
+    import torch
+    import torch.nn.functional as F
+
+    from homefire.train.data import IGNORE_INDEX
+    from homefire.train.recipe import distill_kl
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    labels = torch.tensor([[1, 2, 3, IGNORE_INDEX, IGNORE_INDEX], [4, 5, 6, 7, 8]])
+    # positions scored: shifted by one like the LM loss, and only where the next label is a target
+    rows = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (1, 3)]
+    for t in (1.0, 2.0):
+        want = sum(float((F.softmax(teacher[b, i] / t, -1) * (F.log_softmax(teacher[b, i] / t, -1)
+                                                               - F.log_softmax(student[b, i] / t, -1))).sum())
+                   for b, i in rows) / len(rows) * t * t
+        assert float(distill_kl(student, teacher, labels, t)) == pytest.approx(want, rel=1e-5)
+    assert float(distill_kl(teacher, teacher, labels)) == pytest.approx(0.0, abs=1e-6)
+    # the gradient reaches the student only
+    s = student.clone().requires_grad_(True)
+    distill_kl(s, teacher, labels).backward()
+    assert s.grad.abs().sum() > 0 and s.grad[0, 3:].abs().sum() == 0
+
+
+def test_the_shipped_distill_config_distills_a_pruned_demo():
+    cfg = load_train_config(ROOT / "train" / "configs" / "demo-distill.yaml")
+    assert cfg.method == "distill" and cfg.distill.teacher == "demo" and cfg.model.source.startswith("demo-prune-")
+    assert cfg.data.train == "builtin:pydoc-topics"
+
+
+def test_builtin_text_needs_no_file():
+    from homefire.train.data import BUILTIN_PYDOC, read_rows
+
+    rows = read_rows(BUILTIN_PYDOC)
+    assert len(rows) > 50 and all(r.data["text"] for r in rows)
