@@ -10,7 +10,7 @@ Example (``tune/configs/demo-quantize.yaml``)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -44,6 +44,15 @@ class DistillStep(StrictModel):
     use_gpu: bool = Field(False, description="Train on one GPU per worker.")
 
 
+class PruneRange(StrictModel):
+    """A pruning amount for Optuna to choose (search: optuna): ``method`` at 0, ``step``, ... ``max`` percent removed
+    (0 is the unpruned model)."""
+
+    method: Literal["magnitude", "wanda", "mlp", "heads", "layers"] = Field(description="Pruning method.")
+    max: int = Field(50, ge=1, le=99, description="Largest percent removed.")
+    step: int = Field(5, ge=1, le=99, description="Percent granularity.")
+
+
 class SpaceSpec(StrictModel):
     """What the sweep tries: one trial per variant (grid search)."""
 
@@ -63,6 +72,10 @@ class SpaceSpec(StrictModel):
     distill: DistillStep | None = Field(
         None, description="Distill every structured pruning from the original before it is measured (or quantized): "
         "prune-layers-25+distill. Also the settings of `distill` steps in chains.",
+    )
+    prune_range: PruneRange | None = Field(
+        None, description="search: optuna only: Optuna chooses the percent removed (with distill, structured ones are "
+        "healed), together with a format from quantize (or none).",
     )
     chains: list[str] = Field(
         default_factory=list,
@@ -128,11 +141,12 @@ class SpaceSpec(StrictModel):
 
     @model_validator(mode="after")
     def _something(self) -> "SpaceSpec":
+        structured_range = self.prune_range is not None and self.prune_range.method in ("mlp", "heads", "layers")
         if self.distill is not None and not any(_structured(p) for p in self.prune) and not any(
-                "+distill" in c for c in self.chains):
+                "+distill" in c for c in self.chains) and not structured_range:
             raise ValueError("distill heals structured prunings; none is listed. Fix: add one to space.prune (mlp-25, "
                              "heads-50, layers-25), or drop space.distill")
-        if not self.quantize and not self.prune and not self.chains:
+        if not self.quantize and not self.prune and not self.chains and self.prune_range is None:
             raise ValueError("the space is empty; fix: list formats under space.quantize or prunings under space.prune")
         if self.prune_then_quantize and not (self.quantize and self.prune):
             raise ValueError("prune_then_quantize needs both space.prune and space.quantize; fix: list both, or drop it")
@@ -148,6 +162,28 @@ class SpaceSpec(StrictModel):
 
     def distill_settings(self) -> DistillStep:
         return self.distill or DistillStep()
+
+    def optuna_space(self) -> dict[str, list[str] | tuple[int, int, int]]:
+        """What Optuna chooses from: a format (or none) and a pruning (a listed one or a percent of prune_range)."""
+        out: dict[str, list[str] | tuple[int, int, int]] = {"quantize": [*self.quantize, "none"]}
+        if self.prune_range is not None:
+            out["prune_pct"] = (0, self.prune_range.max, self.prune_range.step)
+        else:
+            out["prune"] = [*self.prune, "none"]
+        return out
+
+    def variant_of(self, params: dict[str, Any]) -> str:
+        """The variant a point of the Optuna space names (``original`` when it names nothing)."""
+        prune = params.get("prune", "none")
+        if self.prune_range is not None:
+            pct = int(params.get("prune_pct", 0))
+            prune = f"prune-{self.prune_range.method}-{pct}" if pct else "none"
+        steps = [] if prune == "none" else [prune]
+        if steps and self.distill is not None and _structured(prune):
+            steps.append("distill")
+        if params.get("quantize", "none") != "none":
+            steps.append(params["quantize"])
+        return "+".join(steps) or "original"
 
 
 
@@ -191,10 +227,20 @@ class TuneConfig(StrictModel):
                                   "the variant's engine and the fp32 reference then run on CUDA.")
     max_concurrent_trials: int = Field(1, ge=1, le=1024, description="Trials at once (one on a 2-core box).")
     storage_path: str | None = Field(None, description="Where trial results go; default $HOMEFIRE_HOME/tune.")
-    search: Literal["grid"] = Field("grid", description="Search algorithm: one trial per value of the space.")
+    search: Literal["grid", "optuna"] = Field(
+        "grid", description="grid: one trial per variant of the space. optuna: `num_samples` trials chosen by Optuna's "
+        "multi-objective TPE (lowest perplexity, highest decode tok/s at select.concurrency) from quantize x prune "
+        "(or prune_range), after the original.")
+    num_samples: int = Field(12, ge=1, le=10_000, description="search: optuna: trials besides the original.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "TuneConfig":
+        if self.search == "grid" and self.space.prune_range is not None:
+            raise ValueError("space.prune_range is for search: optuna; fix: set search: optuna, or list prunings "
+                             "under space.prune")
+        if self.search == "optuna" and (self.space.chains or self.space.prune_then_quantize):
+            raise ValueError("search: optuna combines space.quantize and space.prune (or prune_range) itself; fix: drop "
+                             "space.chains / space.prune_then_quantize, or use search: grid")
         if self.select.concurrency not in self.speed.concurrency:
             raise ValueError(
                 f"select.concurrency {self.select.concurrency} is not measured; fix: add it to speed.concurrency "

@@ -81,6 +81,30 @@ def _ensure_ray(address: str | None, cfg: TuneConfig) -> None:
              logging_level="WARNING")
 
 
+def _optuna_tuner(cfg: TuneConfig, fn, run_config):
+    """Optuna's multi-objective TPE over the space (format x pruning), the original evaluated first."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    space: dict[str, Any] = {"tune": cfg.model_dump(mode="json")}
+    first: dict[str, Any] = {}
+    for key, choices in cfg.space.optuna_space().items():
+        if isinstance(choices, tuple):
+            lo, hi, step = choices
+            space[key] = tune.qrandint(lo, hi, step)
+            first[key] = 0
+        else:
+            space[key] = tune.choice(choices)
+            first[key] = "none"
+    c = cfg.select.concurrency
+    searcher = OptunaSearch(metric=["perplexity", f"c{c}_output_tok_s"], mode=["min", "max"],
+                            points_to_evaluate=[first], seed=0)
+    searcher = ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent_trials)
+    return tune.Tuner(fn, param_space=space, run_config=run_config,
+                      tune_config=tune.TuneConfig(search_alg=searcher, num_samples=cfg.num_samples + 1))
+
+
 def run_tune(cfg: TuneConfig, address: str | None = None, resume: str | None = None) -> TuneReport:
     """Run (or with ``resume``, continue) the sweep; write the report; return where it is and the winner."""
     from ray import tune
@@ -93,10 +117,11 @@ def run_tune(cfg: TuneConfig, address: str | None = None, resume: str | None = N
     served_name = entry.name if entry is not None else Path(cfg.model.source).name
     _ensure_ray(address, cfg)
     fn = tune.with_resources(trainable, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
-    variants = [ORIGINAL, *cfg.space.variants()]
+    variants = [ORIGINAL, *cfg.space.variants()] if cfg.search == "grid" else []
+    total = len(variants) or cfg.num_samples + 1
     run_config = tune.RunConfig(
         name=cfg.name, storage_path=str(Path(cfg.run_root).expanduser().resolve()), verbose=0,
-        callbacks=[_progress_callback(len(variants))], failure_config=tune.FailureConfig(max_failures=0),
+        callbacks=[_progress_callback(total)], failure_config=tune.FailureConfig(max_failures=0),
     )
     if resume:
         path = Path(resume).expanduser().resolve()
@@ -104,13 +129,16 @@ def run_tune(cfg: TuneConfig, address: str | None = None, resume: str | None = N
             raise ConfigError(f"--resume {resume}: no Ray Tune experiment there. Fix: pass the directory `homefire "
                               "tune` printed (<storage>/<name>)")
         tuner = tune.Tuner.restore(str(path), fn, resume_errored=False, restart_errored=True)
-    else:
+    elif cfg.search == "grid":
         tuner = tune.Tuner(
             fn, param_space={"tune": cfg.model_dump(mode="json"), "variant": tune.grid_search(variants)},
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials), run_config=run_config,
         )
+    else:
+        tuner = _optuna_tuner(cfg, fn, run_config)
+    what = ", ".join(variants) if variants else f"original + {cfg.num_samples} chosen by Optuna from {cfg.space.optuna_space()}"
     started = time.time()
-    print(f"homefire tune {cfg.name}: {len(variants)} trials ({', '.join(variants)}) on {cfg.model.source}", flush=True)
+    print(f"homefire tune {cfg.name}: {total} trials ({what}) on {cfg.model.source}", flush=True)
     grid = tuner.fit()
     rows = []
     for r in grid:
@@ -122,6 +150,7 @@ def run_tune(cfg: TuneConfig, address: str | None = None, resume: str | None = N
                                        "done", "iterations_since_restore", "checkpoint_dir_name", "should_checkpoint")})
     order = {v: i for i, v in enumerate(variants)}
     rows.sort(key=lambda r: order.get(r.get("variant"), len(order)))
+    rows = list({r.get("variant"): r for r in reversed(rows)}.values())[::-1]  # Optuna may pick a point twice
     out_dir = Path(grid.experiment_path)
     summary = report.write(cfg, rows, out_dir, served_name)
     summary["duration_s"] = round(time.time() - started)

@@ -334,11 +334,13 @@ def trainable(config: dict[str, Any]) -> None:
     from ray import tune
 
     cfg = TuneConfig.model_validate(config["tune"])
-    variant = config["variant"]
+    variant = config.get("variant") or cfg.space.variant_of(config)
     try:
         row = measure(cfg, variant)
     except ConfigError as err:  # this machine cannot make or run it: a result, not a crash
-        row = {"variant": variant, "status": "skipped", "reason": str(err)}
+        # NaN objectives mark the point failed for Optuna, which then avoids it
+        row = {"variant": variant, "status": "skipped", "reason": str(err), "perplexity": float("nan"),
+               **{f"c{c}_output_tok_s": float("nan") for c in cfg.speed.concurrency}}
     tune.report(_flat(row))
 
 

@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass
 
-from homefire.models.build import DEMO_RECIPES, corpus_text, ensure_model
+from homefire.models.build import DEMO_RECIPES, ModelRecipe, corpus_text, ensure_model
 from homefire.registry import Entry, Registry
 
 logger = logging.getLogger(__name__)
@@ -58,15 +58,16 @@ def corpus_rows() -> list:
 
 
 def ensure_pretrained(name: str, registry: Registry | None = None, recipe: PretrainRecipe | None = None,
-                      address: str | None = None) -> Entry:
-    """The pretrained version of demo model ``name``: from the registry, or trained now and registered."""
+                      address: str | None = None, model: ModelRecipe | None = None) -> Entry:
+    """The pretrained version of demo model ``name`` (or of ``model``, another offline shape such as a benchmark's):
+    from the registry, or trained now and registered."""
     from homefire.train.config import TrainConfig
     from homefire.train.data import prepare_data
     from homefire.train.trainer import run_training
 
     registry = registry or Registry()
     recipe = recipe or DEMO_PRETRAIN[name]
-    base = ensure_model(DEMO_RECIPES[name], registry)
+    base = ensure_model(model or DEMO_RECIPES[name], registry)
     key = recipe.hash(base.recipe_hash or "")
     found = registry.find_by_recipe(name, key)
     if found is not None:

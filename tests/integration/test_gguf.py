@@ -215,7 +215,7 @@ def test_score_equals_transformers_logprobs(loop, engines, hf):
     import torch
 
     with torch.no_grad():
-        top = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].double(), -1).topk(5)
+        top = torch.log_softmax(hf[0](torch.tensor([ids])).logits[0, :-1].double(), -1).topk(5)
     assert len(scores.top) == len(got) and all(len(t) == 5 for t in scores.top)
     argmax = [max(t, key=t.get) for t in scores.top]
     assert sum(a == b for a, b in zip(argmax, top.indices[:, 0].tolist())) >= 0.99 * len(argmax)

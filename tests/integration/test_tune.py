@@ -139,3 +139,24 @@ def test_the_winner_serves_what_the_sweep_measured(sweep):
         assert out.choices[0].text == best["greedy_sample"]
     finally:
         cluster.close()
+
+
+def test_optuna_search_measures_the_original_then_its_picks(tmp_path):
+    """search: optuna: the original first (the reference), then Optuna's multi-objective picks from the space."""
+    cfg = tmp_path / "optuna.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "tiny-optuna", "model": {"source": "demo-tiny"}, "search": "optuna", "num_samples": 2,
+        "space": {"quantize": ["gguf-q8_0", "gguf-q4_0"], "prune_range": {"method": "wanda", "max": 50, "step": 25}},
+        "eval": {"max_tokens": 128, "window": 64},
+        "speed": {"concurrency": [1], "prompts": 1, "input_len": 8, "output_len": 4},
+        "select": {"max_ppl_increase": 0.5, "concurrency": 1}, "storage_path": str(tmp_path / "runs"),
+    }))
+    out = subprocess.run(_cli(str(cfg)), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "chosen by Optuna" in out.stdout and "of 3]" in out.stdout
+    report = json.loads((tmp_path / "runs" / "tiny-optuna" / "report.json").read_text())
+    variants = [r["variant"] for r in report["rows"]]
+    assert variants[0] == "original" and 2 <= len(variants) <= 3  # a point Optuna picks twice is one row
+    assert all(r["status"] == "ok" for r in report["rows"]), report["rows"]
+    assert all(v == "original" or v.endswith(("gguf-q8_0", "gguf-q4_0")) or v.startswith("prune-wanda-")
+               for v in variants)

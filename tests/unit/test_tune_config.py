@@ -122,3 +122,29 @@ def test_variants_the_model_cannot_become_are_refused_before_the_sweep(tmp_path)
 def test_a_fitting_space_passes_the_model_check(tmp_path):
     cfg = load_tune_config(_write(tmp_path, _base(space={"prune": ["wanda-2of4", "heads-50", "layers-50"]})))
     check_space(cfg, _model_dir(tmp_path))
+
+
+def test_optuna_points_name_variants(tmp_path):
+    cfg = load_tune_config(_write(tmp_path, _base(search="optuna", num_samples=4, space={
+        "quantize": ["gguf-q4_0"], "prune_range": {"method": "layers", "max": 50, "step": 25}, "distill": {"steps": 5}})))
+    assert cfg.space.optuna_space() == {"quantize": ["gguf-q4_0", "none"], "prune_pct": (0, 50, 25)}
+    assert cfg.space.variant_of({"quantize": "none", "prune_pct": 0}) == "original"
+    assert cfg.space.variant_of({"quantize": "gguf-q4_0", "prune_pct": 0}) == "gguf-q4_0"
+    assert cfg.space.variant_of({"quantize": "gguf-q4_0", "prune_pct": 25}) == "prune-layers-25+distill+gguf-q4_0"
+    listed = load_tune_config(_write(tmp_path, _base(search="optuna", space={"quantize": ["gguf-q8_0"],
+                                                                              "prune": ["wanda-2of4"]})))
+    assert listed.space.optuna_space() == {"quantize": ["gguf-q8_0", "none"], "prune": ["prune-wanda-2of4", "none"]}
+    assert listed.space.variant_of({"quantize": "none", "prune": "prune-wanda-2of4"}) == "prune-wanda-2of4"
+
+
+@pytest.mark.parametrize("data, expected", [
+    (_base(space={"quantize": ["gguf-q8_0"], "prune_range": {"method": "mlp"}}), "prune_range is for search: optuna"),
+    (_base(search="optuna", space={"quantize": ["gguf-q8_0"], "chains": ["prune-mlp-25+gguf-q8_0"]}),
+     "search: optuna combines"),
+    (_base(search="optuna", space={"prune_range": {"method": "rows"}}), "space.prune_range.method"),
+    (_base(search="bayes"), "search"),
+])
+def test_search_settings_name_the_key(tmp_path, data, expected):
+    with pytest.raises(ConfigError) as e:
+        load_tune_config(_write(tmp_path, data))
+    assert expected in str(e.value)
