@@ -1,37 +1,39 @@
 """Task metric: greedy answers to held-out prompts, compared with the references, before and after training.
 
 Runs as one Ray task next to the workers (a GPU task when the run trains on GPUs), on the
-base model and then on the trained artifact, so the two scores come from the same code.
+base model and then on the trained artifact, so the two scores come from the same code
+(:mod:`homefire.evaluation`, which `homefire tune` scores its variants with too).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from homefire import evaluation
+from homefire.evaluation import Example, normalize
 from homefire.train.config import TrainConfig
 
 
-def normalize(text: str) -> str:
-    return " ".join(text.strip().split()).lower()
-
-
-def _score(model, tokenizer, examples: list[dict[str, Any]], max_new_tokens: int, device) -> tuple[float, list[str]]:
+def transformers_generate(model, tokenizer, max_new_tokens: int, device) -> Callable[[Example], str]:
+    """Greedy answers on transformers, for :func:`homefire.evaluation.score` (chats through the chat template)."""
     import torch
 
-    hits, answers = 0, []
-    for ex in examples:
-        prompt = tokenizer.apply_chat_template(ex["messages"], tokenize=False, add_generation_prompt=True)
+    def generate(ex: Example) -> str:
+        if ex.messages is not None:
+            prompt = tokenizer.apply_chat_template(ex.messages, tokenize=False, add_generation_prompt=True)
+        else:
+            prompt = ex.prompt
         ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], device=device)
         with torch.no_grad():
             out = model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
             )
-        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        answers.append(answer)
-        hits += normalize(answer) == normalize(ex["reference"])
-    return hits / max(len(examples), 1), answers
+        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    return generate
 
 
 def _exact_match_task(model_path: str, artifact: str, examples: list[dict], max_new_tokens: int, method: str,
@@ -43,18 +45,17 @@ def _exact_match_task(model_path: str, artifact: str, examples: list[dict], max_
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    task = [Example(ex["reference"], messages=ex["messages"], where=ex.get("where", "")) for ex in examples]
     base = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=trust_remote_code).to(device).eval()
-    before, _ = _score(base, tokenizer, examples, max_new_tokens, device)
+    before = evaluation.score(task, transformers_generate(base, tokenizer, max_new_tokens, device))
     if method == "lora":
         from peft import PeftModel
 
         tuned = PeftModel.from_pretrained(base, artifact).to(device).eval()
     else:
         tuned = AutoModelForCausalLM.from_pretrained(artifact, trust_remote_code=trust_remote_code).to(device).eval()
-    after, answers = _score(tuned, tokenizer, examples, max_new_tokens, device)
-    samples = [{"prompt": ex["messages"][-1]["content"], "reference": ex["reference"], "answer": a}
-               for ex, a in zip(examples[:3], answers[:3])]
-    return {"before": before, "after": after, "n": len(examples), "samples": samples}
+    after = evaluation.score(task, transformers_generate(tuned, tokenizer, max_new_tokens, device))
+    return {"before": before["score"], "after": after["score"], "n": len(task), "samples": after["samples"]}
 
 
 def exact_match_before_after(cfg: TrainConfig, model_path: str, artifact: str, examples: list[dict]) -> dict[str, Any]:
@@ -71,4 +72,4 @@ def exact_match_before_after(cfg: TrainConfig, model_path: str, artifact: str, e
     ))
 
 
-__all__ = ["exact_match_before_after", "normalize"]
+__all__ = ["exact_match_before_after", "normalize", "transformers_generate"]

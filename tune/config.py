@@ -193,6 +193,24 @@ class EvalSpec(StrictModel):
     text: str | None = Field(None, description="A UTF-8 text file; default: the held-out text shipped with homefire.")
     max_tokens: int = Field(1024, ge=32, le=1_000_000, description="Tokens of the text scored (in context windows).")
     window: int = Field(256, ge=16, le=131_072, description="Tokens per scored window (at most the context length).")
+    task: str | None = Field(
+        "builtin:pydoc-cloze", description="A task set scored by greedy answers on each variant's engine: a JSONL file "
+        "of {prompt|messages, reference}, or builtin:pydoc-cloze (128 passages of Python's docs, next word); null: none.")
+    task_match: Literal["exact", "prefix"] = Field("prefix", description="exact: the whole answer is the reference; "
+                                                   "prefix: the answer starts with it (cloze).")
+    task_max_tokens: int = Field(3, ge=1, le=4096, description="Tokens generated per task answer.")
+
+    @field_validator("task")
+    @classmethod
+    def _task_loads(cls, value: str | None) -> str | None:
+        if value is not None:
+            from homefire.evaluation import load_task
+
+            try:
+                load_task(value)
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
+        return value
 
 
 class SpeedSpec(StrictModel):

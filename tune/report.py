@@ -85,12 +85,13 @@ def _fmt(v: Any, spec: str) -> str:
 
 def markdown(cfg: TuneConfig, summary: dict[str, Any]) -> str:
     cs = cfg.speed.concurrency
-    head = ["variant", "engine", "status", "perplexity", "Δ ppl", "KL", "top-1", "size MB"] + [
+    head = ["variant", "engine", "status", "perplexity", "Δ ppl", "KL", "top-1", "task", "size MB"] + [
         x for c in cs for x in (f"tok/s c={c}", f"speedup c={c}", f"TTFT ms c={c}")] + ["peak mem MB"]
     lines = [f"# homefire tune: {cfg.name}", "", f"Model `{cfg.model.source}`; reference: the original on fp32 "
              "transformers. Perplexity on held-out text, scored by the engine that serves each variant; KL = "
              "KL(variant ‖ original) per token over the variant's top-20 next tokens plus the rest as one bucket (a "
-             "lower bound); top-1 = share of positions where variant and original rank the same token first.", "",
+             "lower bound); top-1 = share of positions where variant and original rank the same token first; task = "
+             f"share of `{cfg.eval.task}` answered ({cfg.eval.task_match} match), greedy, on the variant's engine.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary["rows"]:
         if r.get("status") != "ok":
@@ -99,7 +100,7 @@ def markdown(cfg: TuneConfig, summary: dict[str, Any]) -> str:
             continue
         cells = [r["variant"] + (" †" if r.get("quality_only") else ""), r["engine"], "ok", _fmt(r["perplexity"], ".2f"),
                  _fmt(r.get("ppl_increase"), "+.2%"), _fmt(r.get("kl_to_original"), ".4f"),
-                 _fmt(r.get("top1_agreement"), ".1%"), _fmt(r.get("size_mb"), ".1f")]
+                 _fmt(r.get("top1_agreement"), ".1%"), _fmt(r.get("task_score"), ".1%"), _fmt(r.get("size_mb"), ".1f")]
         for c in cs:
             cells += [_fmt(r[f"c{c}_output_tok_s"], ".0f"), _fmt(r.get(f"c{c}_speedup"), ".2f"),
                       _fmt(r[f"c{c}_p50_ttft_ms"], ".0f")]

@@ -122,6 +122,15 @@ def _measure_original(cfg: TuneConfig, path: str) -> dict[str, Any]:
         for w in windows(ids, cfg.eval.window):
             lp = torch.log_softmax(model(torch.tensor([w], device=dev)).logits[0, :-1].double(), dim=-1).cpu()
             logprobs += lp[torch.arange(len(w) - 1), torch.tensor(w[1:])].tolist()
+    task = None
+    if cfg.eval.task:
+        from homefire import evaluation
+        from homefire.train.evaluate import transformers_generate
+
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        task = evaluation.score(evaluation.load_task(cfg.eval.task),
+                                transformers_generate(model, tok, cfg.eval.task_max_tokens, dev), cfg.eval.task_match)
     speed = {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     for c in cfg.speed.concurrency:
@@ -141,7 +150,13 @@ def _measure_original(cfg: TuneConfig, path: str) -> dict[str, Any]:
         wall = time.perf_counter() - started - sum(ttfts)
         speed[f"c{c}"] = {"output_tok_s": out_tokens / wall, "p50_ttft_ms": sorted(ttfts)[len(ttfts) // 2] * 1e3}
     return {"engine": "transformers", "format": "hf" if dev.type == "cpu" else "hf-bf16-cuda", "scored_tokens": len(logprobs),
-            "perplexity": perplexity(logprobs), "logprobs_sum": sum(logprobs), "speed": speed}
+            "perplexity": perplexity(logprobs), "logprobs_sum": sum(logprobs), "speed": speed, **_task_fields(task)}
+
+
+def _task_fields(task: dict[str, Any] | None) -> dict[str, Any]:
+    if task is None:
+        return {}
+    return {"task_score": task["score"], "task_n": task["n"], "task_sample": task["samples"][0]["answer"]}
 
 
 # -- a converted variant on its engine ----------------------------------------------------------------------------
@@ -190,6 +205,18 @@ async def _measure_engine(cfg: TuneConfig, entry, engine_kind: str) -> dict[str,
                 n += d.num_tokens
             return n
 
+        task = None
+        if cfg.eval.task:
+            from homefire import evaluation
+
+            examples = evaluation.load_task(cfg.eval.task)
+            answer_spec = SamplingSpec(max_tokens=cfg.eval.task_max_tokens, temperature=0)
+            answers = []
+            for i, ex in enumerate(examples):
+                ids = (engine.tokenizer.render_chat(ex.messages) if ex.messages is not None
+                       else engine.tokenizer.encode(ex.prompt))
+                answers.append("".join([d.text async for d in engine.generate(f"task-{i}", ids, answer_spec)]))
+            task = evaluation.score_answers(examples, answers, cfg.eval.task_match)
         greedy = SamplingSpec(max_tokens=GREEDY_TOKENS, temperature=0)
         sample = "".join([d.text async for d in engine.generate("greedy", engine.tokenizer.encode(GREEDY_PROMPT),
                                                                   greedy)])
@@ -209,7 +236,7 @@ async def _measure_engine(cfg: TuneConfig, entry, engine_kind: str) -> dict[str,
             speed[f"c{c}"] = {"output_tok_s": tokens / wall, "p50_ttft_ms": sorted(ttfts)[len(ttfts) // 2] * 1e3}
         return {"engine": engine_kind, "format": entry.format, "scored_tokens": len(logprobs),
                 "perplexity": perplexity(logprobs), "logprobs_sum": sum(logprobs), "speed": speed,
-                "startup_s": startup_s, "greedy_sample": sample, "_ids": ids, "_top": scored.top}
+                "startup_s": startup_s, "greedy_sample": sample, "_ids": ids, "_top": scored.top, **_task_fields(task)}
     finally:
         await engine.shutdown()
 

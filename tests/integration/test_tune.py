@@ -77,6 +77,7 @@ def test_every_variant_is_measured_on_its_engine(sweep):
         assert r["c1_output_tok_s"] > 0 and r["c2_output_tok_s"] > 0 and r["c1_p50_ttft_ms"] > 0
         assert r["scored_tokens"] == rows["original"]["scored_tokens"]  # the same windows of the same text
         assert r["kl_to_original"] >= 0 and 0 < r["top1_agreement"] <= 1
+        assert r["task_n"] == 128 and 0 <= r["task_score"] <= 1  # the shipped cloze task, on the variant's engine
     assert (rows["original"]["kl_to_original"], rows["original"]["top1_agreement"]) == (0, 1)
     # 8-bit formats stay close to the original (measured ~0.1 %): a broken conversion would not
     assert abs(rows["gguf-q8_0"]["ppl_increase"]) < 0.02 and abs(rows["onnx-int8"]["ppl_increase"]) < 0.02

@@ -53,6 +53,7 @@ def test_the_heldout_text_ships():
     (_base(select={"concurrency": 4}), "select.concurrency 4 is not measured; fix: add it to speed.concurrency"),
     (_base(select={"max_ppl_increase": -1}), "select.max_ppl_increase"),
     (_base(eval={"text": "/no/such/file.txt"}), "eval.text /no/such/file.txt is not a file"),
+    (_base(eval={"task": "/no/such/task.jsonl"}), "eval.task: task /no/such/task.jsonl"),
     ({"space": {"quantize": ["gguf-q8_0"]}}, "model"),
 ])
 def test_bad_configs_name_the_key(tmp_path, data, expected):
