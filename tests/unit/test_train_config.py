@@ -123,3 +123,40 @@ def test_builtin_text_needs_no_file():
 
     rows = read_rows(BUILTIN_PYDOC)
     assert len(rows) > 50 and all(r.data["text"] for r in rows)
+
+
+def _tiny_llama(path, vocab_size: int):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from homefire.models.build import build_tokenizer
+
+    path.mkdir()
+    build_tokenizer(vocab_size, path)
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(path)
+    return path
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_before_ray_starts(tmp_path):
+    """The KL compares distributions over the same token ids: a teacher with another tokenizer is a config error
+    naming distill.teacher, found before any worker (or Ray) starts."""
+    import ray
+
+    from homefire.registry import Registry
+    from homefire.train.trainer import run_training
+
+    student, teacher = _tiny_llama(tmp_path / "student", 300), _tiny_llama(tmp_path / "teacher", 400)
+    data = tmp_path / "d.txt"
+    data.write_text("Some text to learn from.\n\nAnother paragraph of it.\n")
+    cfg = validate_config(TrainConfig, {
+        "model": {"source": str(student)}, "method": "distill", "distill": {"teacher": str(teacher)},
+        "data": {"train": str(data)}, "output": {"name": "s", "to_registry": False},
+        "storage_path": str(tmp_path / "runs"),
+    })
+    with pytest.raises(ConfigError) as err:
+        run_training(cfg, registry=Registry(tmp_path / "reg"))
+    assert f"distill.teacher {teacher}" in str(err.value) and "is not the student's" in str(err.value)
+    assert not ray.is_initialized()
