@@ -213,9 +213,9 @@ async def _measure_engine(cfg: TuneConfig, entry, engine_kind: str) -> dict[str,
             answer_spec = SamplingSpec(max_tokens=cfg.eval.task_max_tokens, temperature=0)
             answers = []
             for i, ex in enumerate(examples):
-                ids = (engine.tokenizer.render_chat(ex.messages) if ex.messages is not None
-                       else engine.tokenizer.encode(ex.prompt))
-                answers.append("".join([d.text async for d in engine.generate(f"task-{i}", ids, answer_spec)]))
+                prompt = (engine.tokenizer.render_chat(ex.messages) if ex.messages is not None
+                          else engine.tokenizer.encode(ex.prompt))
+                answers.append("".join([d.text async for d in engine.generate(f"task-{i}", prompt, answer_spec)]))
             task = evaluation.score_answers(examples, answers, cfg.eval.task_match)
         greedy = SamplingSpec(max_tokens=GREEDY_TOKENS, temperature=0)
         sample = "".join([d.text async for d in engine.generate("greedy", engine.tokenizer.encode(GREEDY_PROMPT),
