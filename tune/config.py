@@ -250,6 +250,11 @@ class TuneConfig(StrictModel):
         "multi-objective TPE (lowest perplexity, highest decode tok/s at select.concurrency) from quantize x prune "
         "(or prune_range), after the original.")
     num_samples: int = Field(12, ge=1, le=10_000, description="search: optuna: trials besides the original.")
+    scheduler: Literal["fifo", "asha"] = Field(
+        "fifo", description="fifo: every trial measures everything. asha: successive halving on the measurement "
+        "stages -- every variant's quality first (perplexity, task), and only those among the best 1/reduction_factor "
+        "so far go on to the (slower) speed measurement; the others are reported as stopped.")
+    reduction_factor: int = Field(2, ge=2, le=16, description="scheduler: asha: keep the best 1/N at the quality rung.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "TuneConfig":

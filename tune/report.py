@@ -93,13 +93,19 @@ def markdown(cfg: TuneConfig, summary: dict[str, Any]) -> str:
              "lower bound); top-1 = share of positions where variant and original rank the same token first; task = "
              f"share of `{cfg.eval.task}` answered ({cfg.eval.task_match} match), greedy, on the variant's engine.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ref_ppl = next((r["perplexity"] for r in summary["rows"] if r.get("variant") == ORIGINAL and r.get("status") == "ok"),
+                   float("nan"))
     for r in summary["rows"]:
+        if r.get("status") == "stopped" and r.get("perplexity") is not None:
+            lines.append(f"| {r['variant']} | {r.get('engine', '')} | stopped by ASHA (speed not measured) | "
+                         f"{r['perplexity']:.2f} | {r['perplexity'] / ref_ppl - 1:+.2%} |" + " |" * (len(head) - 5))
+            continue
         if r.get("status") != "ok":
             lines.append(f"| {r['variant']} | | {r.get('status')}: {r.get('reason') or r.get('error', '')} |"
                          + " |" * (len(head) - 3))
             continue
         cells = [r["variant"] + (" †" if r.get("quality_only") else ""), r["engine"], "ok", _fmt(r["perplexity"], ".2f"),
-                 _fmt(r.get("ppl_increase"), "+.2%"), _fmt(r.get("kl_to_original"), ".4f"),
+                 _fmt(r.get("ppl_increase"), "+.2%"), _fmt(r.get("kl_to_original"), ".2g"),
                  _fmt(r.get("top1_agreement"), ".1%"), _fmt(r.get("task_score"), ".1%"), _fmt(r.get("size_mb"), ".1f")]
         for c in cs:
             cells += [_fmt(r[f"c{c}_output_tok_s"], ".0f"), _fmt(r.get(f"c{c}_speedup"), ".2f"),

@@ -31,6 +31,9 @@ class TuneReport:
         return self.summary.get("best")
 
 
+_QUALITY_KEYS = ("variant", "engine", "format", "perplexity", "scored_tokens", "task_score", "task_n")
+
+
 def _progress_callback(total: int):
     from ray.tune import Callback
 
@@ -38,15 +41,21 @@ def _progress_callback(total: int):
         """One line per finished trial with its numbers, and the live count."""
 
         def __init__(self) -> None:
-            self.done = self.failed = self.skipped = 0
+            self.done = self.failed = self.skipped = self.stopped = 0
 
         def _count(self, trials, this) -> str:
             running = sum(t.status == "RUNNING" and t is not this for t in trials)
-            return (f"[{self.done} done / {running} running / {self.failed} failed / {self.skipped} skipped "
+            stopped = f" / {self.stopped} stopped" if self.stopped else ""
+            return (f"[{self.done} done / {running} running / {self.failed} failed / {self.skipped} skipped{stopped} "
                     f"of {total}]")
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             variant = result.get("variant", "?")
+            if result.get("status") == "measuring":  # ASHA's quality rung
+                task = f"  task {result['task_score']:.1%}" if "task_score" in result else ""
+                print(f"  {variant:<12} {result.get('engine', ''):<12} ppl {result.get('perplexity', 0):.2f}{task}  "
+                      f"(quality rung: speed next unless ASHA stops it)", flush=True)
+                return
             if result.get("status") == "skipped":
                 self.skipped += 1
                 print(f"  {variant:<12} skipped: {result.get('reason')}  {self._count(trials, trial)}", flush=True)
@@ -55,6 +64,13 @@ def _progress_callback(total: int):
             speeds = "  ".join(f"{k[:-13]} {v:.0f} tok/s" for k, v in result.items() if k.endswith("_output_tok_s"))
             print(f"  {variant:<12} {result.get('engine', ''):<12} ppl {result.get('perplexity', 0):.2f}  {speeds}  "
                   f"{result.get('size_bytes', 0) / 1e6:.1f} MB  {self._count(trials, trial)}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            last = trial.last_result or {}
+            if last.get("status") == "measuring":
+                self.stopped += 1
+                print(f"  {last.get('variant', '?'):<12} stopped by ASHA after its quality rung (ppl "
+                      f"{last.get('perplexity', 0):.2f})  {self._count(trials, trial)}", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
             self.failed += 1
@@ -102,7 +118,18 @@ def _optuna_tuner(cfg: TuneConfig, fn, run_config):
                             points_to_evaluate=[first], seed=0)
     searcher = ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent_trials)
     return tune.Tuner(fn, param_space=space, run_config=run_config,
-                      tune_config=tune.TuneConfig(search_alg=searcher, num_samples=cfg.num_samples + 1))
+                      tune_config=tune.TuneConfig(search_alg=searcher, num_samples=cfg.num_samples + 1,
+                                                  scheduler=_scheduler(cfg)))
+
+
+def _scheduler(cfg: TuneConfig):
+    """ASHA over the two measurement stages (quality at iteration 1, speed at 2), or None (FIFO)."""
+    if cfg.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(metric="perplexity", mode="min", time_attr="training_iteration", max_t=2, grace_period=1,
+                         reduction_factor=cfg.reduction_factor)
 
 
 def run_tune(cfg: TuneConfig, address: str | None = None, resume: str | None = None) -> TuneReport:
@@ -132,7 +159,8 @@ def run_tune(cfg: TuneConfig, address: str | None = None, resume: str | None = N
     elif cfg.search == "grid":
         tuner = tune.Tuner(
             fn, param_space={"tune": cfg.model_dump(mode="json"), "variant": tune.grid_search(variants)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials), run_config=run_config,
+            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials, scheduler=_scheduler(cfg)),
+            run_config=run_config,
         )
     else:
         tuner = _optuna_tuner(cfg, fn, run_config)
@@ -144,6 +172,10 @@ def run_tune(cfg: TuneConfig, address: str | None = None, resume: str | None = N
     for r in grid:
         if r.error is not None:
             rows.append({"variant": r.config.get("variant", "?"), "status": "failed", "error": str(r.error)[:2000]})
+        elif r.metrics and r.metrics.get("status") == "measuring":
+            rows.append({**{k: v for k, v in r.metrics.items() if k in _QUALITY_KEYS}, "status": "stopped",
+                         "reason": "ASHA stopped it after its quality rung (its perplexity was not among the best "
+                                   f"1/{cfg.reduction_factor} so far): speed not measured"})
         elif r.metrics:
             rows.append({k: v for k, v in r.metrics.items() if not k.startswith(("time_", "config", "trial_"))
                          and k not in ("timestamp", "date", "hostname", "node_ip", "pid", "training_iteration",

@@ -21,6 +21,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +180,8 @@ def _engine_settings(cfg: TuneConfig, engine: str) -> dict[str, Any]:
     return settings
 
 
-async def _measure_engine(cfg: TuneConfig, entry, engine_kind: str) -> dict[str, Any]:
+async def _measure_engine(cfg: TuneConfig, entry, engine_kind: str,
+                          on_quality: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     from homefire.serve.config import model_config
     from homefire.serve.engines import MAX_SCORE_TOP_K, SamplingSpec, Scores, engine_class
 
@@ -217,6 +219,9 @@ async def _measure_engine(cfg: TuneConfig, entry, engine_kind: str) -> dict[str,
                           else engine.tokenizer.encode(ex.prompt))
                 answers.append("".join([d.text async for d in engine.generate(f"task-{i}", prompt, answer_spec)]))
             task = evaluation.score_answers(examples, answers, cfg.eval.task_match)
+        if on_quality is not None:  # the quality rung: a scheduler (ASHA) may stop the trial before its speed is measured
+            on_quality({"engine": engine_kind, "format": entry.format, "scored_tokens": len(logprobs),
+                        "perplexity": perplexity(logprobs), **_task_fields(task)})
         greedy = SamplingSpec(max_tokens=GREEDY_TOKENS, temperature=0)
         sample = "".join([d.text async for d in engine.generate("greedy", engine.tokenizer.encode(GREEDY_PROMPT),
                                                                   greedy)])
@@ -322,8 +327,12 @@ def distill(cfg: TuneConfig, student) -> tuple[Any, dict[str, Any]]:
     }
 
 
-def measure(cfg: TuneConfig, variant: str) -> dict[str, Any]:
-    """Every number of one trial (raises ConfigError when this machine cannot make or run ``variant``)."""
+def measure(cfg: TuneConfig, variant: str,
+            on_quality: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every number of one trial (raises ConfigError when this machine cannot make or run ``variant``).
+
+    ``on_quality`` gets the quality numbers of a converted variant before its speed is measured (ASHA's first rung).
+    """
     from homefire.models.build import resolve_source
 
     path, original = resolve_source(cfg.model.source)
@@ -337,7 +346,7 @@ def measure(cfg: TuneConfig, variant: str) -> dict[str, Any]:
             t0 = time.perf_counter()
             entry, facts = make_variant(cfg, variant)
             convert_s = time.perf_counter() - t0
-            row = asyncio.run(_measure_engine(cfg, entry, FORMAT_ENGINES[entry.format][0]))
+            row = asyncio.run(_measure_engine(cfg, entry, FORMAT_ENGINES[entry.format][0], on_quality))
             row.update({f"distill_{k}": v for k, v in facts.get("distill", {}).items()})
             row.update(entry=entry.ref, size_bytes=_size_bytes(entry.path), convert_s=convert_s,
                        quality_only=any(is_sparse(step) for step in variant.split("+") if step.startswith("prune-")))
@@ -362,8 +371,12 @@ def trainable(config: dict[str, Any]) -> None:
 
     cfg = TuneConfig.model_validate(config["tune"])
     variant = config.get("variant") or cfg.space.variant_of(config)
+
+    def quality(partial: dict[str, Any]) -> None:
+        tune.report(_flat({**partial, "variant": variant, "status": "measuring"}))
+
     try:
-        row = measure(cfg, variant)
+        row = measure(cfg, variant, quality if cfg.scheduler == "asha" else None)
     except ConfigError as err:  # this machine cannot make or run it: a result, not a crash
         # NaN objectives mark the point failed for Optuna, which then avoids it
         row = {"variant": variant, "status": "skipped", "reason": str(err), "perplexity": float("nan"),

@@ -142,11 +142,13 @@ def test_the_winner_serves_what_the_sweep_measured(sweep):
         cluster.close()
 
 
-def test_optuna_search_measures_the_original_then_its_picks(tmp_path):
-    """search: optuna: the original first (the reference), then Optuna's multi-objective picks from the space."""
+def test_optuna_search_with_asha_measures_the_original_then_its_picks(tmp_path):
+    """search: optuna: the original first (the reference), then Optuna's multi-objective picks from the space;
+    scheduler: asha measures every pick's quality first and the speed only of those it keeps."""
     cfg = tmp_path / "optuna.yaml"
     cfg.write_text(yaml.safe_dump({
         "name": "tiny-optuna", "model": {"source": "demo-tiny"}, "search": "optuna", "num_samples": 2,
+        "scheduler": "asha",
         "space": {"quantize": ["gguf-q8_0", "gguf-q4_0"], "prune_range": {"method": "wanda", "max": 50, "step": 25}},
         "eval": {"max_tokens": 128, "window": 64},
         "speed": {"concurrency": [1], "prompts": 1, "input_len": 8, "output_len": 4},
@@ -154,10 +156,12 @@ def test_optuna_search_measures_the_original_then_its_picks(tmp_path):
     }))
     out = subprocess.run(_cli(str(cfg)), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert "chosen by Optuna" in out.stdout and "of 3]" in out.stdout
+    assert "chosen by Optuna" in out.stdout and "of 3]" in out.stdout and "(quality rung: speed next" in out.stdout
     report = json.loads((tmp_path / "runs" / "tiny-optuna" / "report.json").read_text())
     variants = [r["variant"] for r in report["rows"]]
     assert variants[0] == "original" and 2 <= len(variants) <= 3  # a point Optuna picks twice is one row
-    assert all(r["status"] == "ok" for r in report["rows"]), report["rows"]
+    assert report["rows"][0]["status"] == "ok"
+    for r in report["rows"][1:]:  # measured through, or stopped by ASHA after its quality (perplexity kept)
+        assert r["status"] == "ok" or (r["status"] == "stopped" and r["perplexity"] > 1), r
     assert all(v == "original" or v.endswith(("gguf-q8_0", "gguf-q4_0")) or v.startswith("prune-wanda-")
                for v in variants)

@@ -144,6 +144,8 @@ def test_optuna_points_name_variants(tmp_path):
      "search: optuna combines"),
     (_base(search="optuna", space={"prune_range": {"method": "rows"}}), "space.prune_range.method"),
     (_base(search="bayes"), "search"),
+    (_base(scheduler="hyperband"), "scheduler"),
+    (_base(scheduler="asha", reduction_factor=1), "reduction_factor"),
 ])
 def test_search_settings_name_the_key(tmp_path, data, expected):
     with pytest.raises(ConfigError) as e:
