@@ -373,7 +373,9 @@ def trainable(config: dict[str, Any]) -> None:
     variant = config.get("variant") or cfg.space.variant_of(config)
 
     def quality(partial: dict[str, Any]) -> None:
-        tune.report(_flat({**partial, "variant": variant, "status": "measuring"}))
+        # speed not measured yet: NaN, so that a searcher reading this as the final result counts the point failed
+        tune.report(_flat({**partial, "variant": variant, "status": "measuring",
+                           **{f"c{c}_output_tok_s": float("nan") for c in cfg.speed.concurrency}}))
 
     try:
         row = measure(cfg, variant, quality if cfg.scheduler == "asha" else None)

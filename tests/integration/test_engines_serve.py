@@ -1,5 +1,6 @@
-"""One config, three engines: vLLM (hf, compressed-tensors), ONNX Runtime (onnx-*) and llama.cpp (gguf-*) serve
-variants of the same model side by side behind one OpenAI API, through the official client.
+"""One config, three engines: vLLM (hf), ONNX Runtime (onnx-*) and llama.cpp (gguf-*) serve variants of the same
+model side by side behind one OpenAI API, through the official client. (vLLM's compressed-tensors checkpoints run on
+the same vLLM engine; tests/integration/test_vllm_quant.py serves them, and test_tune.py serves sweep winners.)
 
 Lossless formats must answer token for token what vLLM answers; quantized ones must answer at all, with the
 same API behaviour (streaming with usage, n, stop, seed); what an engine cannot do is a 400 naming the field.
@@ -25,9 +26,8 @@ VARIANTS = {  # served name -> (engine, conversion target or None for the hf mod
     "tiny-gguf": ("llamacpp", "gguf-f32"),
     "tiny-int4": ("onnx", "onnx-int4"),
     "tiny-q8": ("llamacpp", "gguf-q8_0"),
-    "tiny-w8a8": ("vllm", "vllm-w8a8"),
 }
-QUANTIZED = ["tiny-int4", "tiny-q8", "tiny-w8a8"]
+QUANTIZED = ["tiny-int4", "tiny-q8"]
 
 
 @pytest.fixture(scope="module")

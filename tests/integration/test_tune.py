@@ -150,12 +150,13 @@ def test_optuna_search_with_asha_measures_the_original_then_its_picks(tmp_path):
         "name": "tiny-optuna", "model": {"source": "demo-tiny"}, "search": "optuna", "num_samples": 2,
         "scheduler": "asha",
         "space": {"quantize": ["gguf-q8_0", "gguf-q4_0"], "prune_range": {"method": "wanda", "max": 50, "step": 25}},
-        "eval": {"max_tokens": 128, "window": 64},
+        "eval": {"max_tokens": 128, "window": 64, "task": None},  # the task score is the sweep above's
         "speed": {"concurrency": [1], "prompts": 1, "input_len": 8, "output_len": 4},
         "select": {"max_ppl_increase": 0.5, "concurrency": 1}, "storage_path": str(tmp_path / "runs"),
     }))
     out = subprocess.run(_cli(str(cfg)), capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    # exit 1 is "no winner" (Optuna may pick only sparse, quality-only variants): the sweep itself must have run
+    assert out.returncode == 0 or (out.returncode == 1 and "no winner" in out.stdout), out.stdout[-4000:] + out.stderr[-4000:]
     assert "chosen by Optuna" in out.stdout and "of 3]" in out.stdout and "(quality rung: speed next" in out.stdout
     report = json.loads((tmp_path / "runs" / "tiny-optuna" / "report.json").read_text())
     variants = [r["variant"] for r in report["rows"]]
