@@ -9,6 +9,7 @@ Example (``tune/configs/demo-quantize.yaml``)::
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,7 +81,8 @@ class SpaceSpec(StrictModel):
     chains: list[str] = Field(
         default_factory=list,
         description="Explicit variants, steps joined by '+': a pruning, `distill`, then a format, e.g. "
-        "prune-mlp-25+distill+gguf-q4_0.",
+        "prune-mlp-25+distill+gguf-q4_0; `kv-fp8` last runs a vLLM-served variant with vLLM's fp8 KV cache "
+        "(vllm-w8a8+kv-fp8; kv-fp8 alone: the model itself).",
     )
 
     @field_validator("quantize")
@@ -120,7 +122,12 @@ class SpaceSpec(StrictModel):
         for chain in values:
             steps = chain.split("+")
             for i, step in enumerate(steps):
-                if step == "distill":
+                if step == "kv-fp8":
+                    if i != len(steps) - 1 or (i and steps[i - 1].startswith(("onnx-", "gguf-"))):
+                        raise ValueError(f"{chain}: kv-fp8 (vLLM's fp8 KV cache) is the last step of a variant vLLM "
+                                         "serves (hf, pruned, distilled, vllm-*); fix: drop it after onnx-/gguf- "
+                                         "formats, or move it to the end")
+                elif step == "distill":
                     if i == 0 or not steps[i - 1].startswith("prune-"):
                         raise ValueError(f"{chain}: distill follows a pruning (prune-mlp-25+distill); fix: reorder it")
                 elif step.startswith("prune-"):
@@ -131,10 +138,11 @@ class SpaceSpec(StrictModel):
                     if i:
                         raise ValueError(f"{chain}: a pruning comes first; fix: prune-...+distill+<format>")
                 elif step not in TARGETS:
-                    raise ValueError(f"{chain}: '{step}' is neither a pruning, distill nor a format; fix: one of "
-                                     f"{', '.join(TARGETS)}")
-                elif i != len(steps) - 1:
-                    raise ValueError(f"{chain}: the format ({step}) is the last step; fix: move it to the end")
+                    raise ValueError(f"{chain}: '{step}' is neither a pruning, distill, kv-fp8 nor a format; fix: one "
+                                     f"of {', '.join(TARGETS)}")
+                elif steps[i + 1:] not in ([], ["kv-fp8"]):
+                    raise ValueError(f"{chain}: the format ({step}) is the last step (but for kv-fp8); fix: move it "
+                                     "to the end")
         if len(set(values)) != len(values):
             raise ValueError("a chain is listed twice; fix: list each once")
         return values
@@ -307,6 +315,9 @@ def check_space(cfg: TuneConfig, src: str | Path) -> None:
     problems = []
     for variant in cfg.space.variants():
         for step in variant.split("+"):
+            if step == "kv-fp8":
+                problems += _kv_fp8_problems(cfg, Path(src))
+                continue
             if step == "distill":
                 continue
             try:
@@ -317,6 +328,17 @@ def check_space(cfg: TuneConfig, src: str | Path) -> None:
     if problems:
         raise ConfigError("the sweep cannot make these variants of " + f"{cfg.model.source}:\n  "
                           + "\n  ".join(dict.fromkeys(problems)))
+
+
+def _kv_fp8_problems(cfg: TuneConfig, src: Path) -> list[str]:
+    from homefire.convert import compressed
+
+    c = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else {}
+    head = c.get("head_dim") or (c["hidden_size"] // c["num_attention_heads"] if "hidden_size" in c else None)
+    if head is not None and head % 32 and not compressed._has_cuda():
+        return [f"space.chains: kv-fp8: vLLM's CPU fp8 KV cache needs a head size divisible by 32; this model's is "
+                f"{head}. Fix: drop kv-fp8 for this model, or run on a CUDA GPU"]
+    return []
 
 
 def load_tune_config(path: str | Path, overrides: dict | None = None) -> TuneConfig:

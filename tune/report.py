@@ -60,6 +60,8 @@ def serve_config(cfg: TuneConfig, summary: dict[str, Any], served_name: str) -> 
     row = next(r for r in summary["rows"] if r["variant"] == best)
     c = cfg.select.concurrency
     extra = {"onnx": f"\n          max_concurrency: {c}", "llamacpp": f"\n          slots: {min(c, 64)}"}.get(row["engine"], "")
+    if best.endswith("+kv-fp8"):
+        extra += "\n          engine_args: {kv_cache_dtype: fp8}"
     return f"""# Written by `homefire tune` ({cfg.name}): {best} of {row['entry']} won for {c} stream(s) --
 # perplexity {row['ppl_increase']:+.2%} vs the original, {row[f'c{c}_speedup']:.2f}x its decode speed on fp32 transformers.
 # Run it with:   homefire serve {{this file}}     (or: serve run {{this file}})

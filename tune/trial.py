@@ -31,6 +31,8 @@ from homefire.tune.config import TuneConfig
 logger = logging.getLogger(__name__)
 
 ORIGINAL = "original"
+#: The last step of a vLLM-served variant that runs it with an fp8 KV cache (``vllm-w8a8+kv-fp8``; alone: the model).
+KV_FP8 = "kv-fp8"
 #: Every variant's greedy continuation of this prompt is kept with its numbers: what a served variant must answer.
 GREEDY_PROMPT = "The river that runs through the town"
 GREEDY_TOKENS = 16
@@ -163,7 +165,7 @@ def _task_fields(task: dict[str, Any] | None) -> dict[str, Any]:
 # -- a converted variant on its engine ----------------------------------------------------------------------------
 
 
-def _engine_settings(cfg: TuneConfig, engine: str) -> dict[str, Any]:
+def _engine_settings(cfg: TuneConfig, engine: str, kv_fp8: bool = False) -> dict[str, Any]:
     most = max(cfg.speed.concurrency)
     length = max(cfg.eval.window, cfg.speed.input_len + cfg.speed.output_len) + 8
     settings: dict[str, Any] = {"cpus": cfg.cpus_per_trial, "max_model_len": length}
@@ -173,6 +175,8 @@ def _engine_settings(cfg: TuneConfig, engine: str) -> dict[str, Any]:
         settings.update(kv_cache_gb=1)
     elif engine == "onnx" and cfg.gpus_per_trial:
         settings.update(provider="cuda")
+    if kv_fp8:  # vLLM's fp8 KV cache: half the cache memory, on CPU (head size a multiple of 32) and CUDA
+        settings["engine_args"] = {"kv_cache_dtype": "fp8"}
     elif engine == "onnx":
         settings.update(max_concurrency=most)
     elif engine == "llamacpp":
@@ -181,12 +185,13 @@ def _engine_settings(cfg: TuneConfig, engine: str) -> dict[str, Any]:
 
 
 async def _measure_engine(cfg: TuneConfig, entry, engine_kind: str,
-                          on_quality: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                          on_quality: Callable[[dict[str, Any]], None] | None = None,
+                          kv_fp8: bool = False) -> dict[str, Any]:
     from homefire.serve.config import model_config
     from homefire.serve.engines import MAX_SCORE_TOP_K, SamplingSpec, Scores, engine_class
 
     mc = model_config({"name": "tune", "source": entry.ref, "engine": engine_kind,
-                       **_engine_settings(cfg, engine_kind)})
+                       **_engine_settings(cfg, engine_kind, kv_fp8)})
     engine = engine_class(engine_kind)(mc, entry.path)
     started = time.perf_counter()
     await engine.start(timeout_s=600)
@@ -277,10 +282,19 @@ def make_variant(cfg: TuneConfig, variant: str) -> tuple[Any, dict[str, Any]]:
 
     entry, facts = None, {}
     for step in variant.split("+"):
+        if step == KV_FP8:  # an engine setting, not a conversion
+            continue
         if step == "distill":
             entry, facts["distill"] = distill(cfg, entry)
         else:
             entry = convert(entry.ref if entry is not None else cfg.model.source, step)
+    if entry is None:  # kv-fp8 alone: the model itself, on vLLM with an fp8 KV cache
+        from homefire.models.build import resolve_source
+
+        _, entry = resolve_source(cfg.model.source)
+        if entry is None:
+            raise ConfigError(f"{variant}: the model must be a registry entry (not a directory) to serve it as is. "
+                              "Fix: register it, or chain kv-fp8 after a conversion")
     return entry, facts
 
 
@@ -346,7 +360,8 @@ def measure(cfg: TuneConfig, variant: str,
             t0 = time.perf_counter()
             entry, facts = make_variant(cfg, variant)
             convert_s = time.perf_counter() - t0
-            row = asyncio.run(_measure_engine(cfg, entry, FORMAT_ENGINES[entry.format][0], on_quality))
+            row = asyncio.run(_measure_engine(cfg, entry, FORMAT_ENGINES[entry.format][0], on_quality,
+                                              kv_fp8=variant.split("+")[-1] == KV_FP8))
             row.update({f"distill_{k}": v for k, v in facts.get("distill", {}).items()})
             row.update(entry=entry.ref, size_bytes=_size_bytes(entry.path), convert_s=convert_s,
                        quality_only=any(is_sparse(step) for step in variant.split("+") if step.startswith("prune-")))

@@ -151,3 +151,14 @@ def test_search_settings_name_the_key(tmp_path, data, expected):
     with pytest.raises(ConfigError) as e:
         load_tune_config(_write(tmp_path, data))
     assert expected in str(e.value)
+
+
+def test_kv_fp8_is_a_last_step_of_vllm_variants(tmp_path):
+    cfg = load_tune_config(_write(tmp_path, _base(space={"chains": ["kv-fp8", "vllm-w8a8+kv-fp8"]})))
+    assert cfg.space.variants() == ["kv-fp8", "vllm-w8a8+kv-fp8"]
+    for bad in ("gguf-q4_0+kv-fp8", "kv-fp8+vllm-w8a8"):
+        with pytest.raises(ConfigError, match="kv-fp8 .vLLM's fp8 KV cache. is the last step"):
+            load_tune_config(_write(tmp_path, _base(space={"chains": [bad]})))
+    # vLLM's CPU fp8 KV cache needs head sizes divisible by 32
+    with pytest.raises(ConfigError, match="head size divisible by 32; this model's is 16"):
+        check_space(cfg, _model_dir(tmp_path, hidden_size=64, num_attention_heads=4))
