@@ -139,7 +139,7 @@ def main() -> int:
                 print(f"{name:<6} {r['variant']:<14} {r.get('status')}: {(r.get('reason') or r.get('error', ''))[:80]}")
                 continue
             print(f"{name:<6} {r['variant']:<14} {r['engine']:<12} {r['perplexity']:>9.2f} {r['ppl_increase']:>+7.2%} "
-                  f"{r["kl_to_original"]:>7.2g} {r['top1_agreement']:>6.1%} {r['c1_speedup']:>6.2f} "
+                  f"{r['kl_to_original']:>7.2g} {r['top1_agreement']:>6.1%} {r['c1_speedup']:>6.2f} "
                   f"{r['c8_speedup']:>6.2f} {r['size_mb']:>7.1f}")
         best = summary.get("best")
         row = next((r for r in summary["rows"] if r["variant"] == best), None)
