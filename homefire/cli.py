@@ -38,6 +38,17 @@ def _flags_from_model(parser: argparse.ArgumentParser, model: type, fields: list
         )
 
 
+def _run_flags(parser: argparse.ArgumentParser, config_help: str, set_example: str,
+               resume: tuple[str, str] = ("RUN", "continue RUN (a run id or run directory) from its last checkpoint"),
+               ) -> None:
+    """CONFIG, --address, --resume and --set: what every command that runs a config on Ray takes."""
+    parser.add_argument("config", help=config_help)
+    parser.add_argument("--address", help="Ray cluster to run on (e.g. 'auto'); default: start a local Ray")
+    parser.add_argument("--resume", metavar=resume[0], help=resume[1])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config key, e.g. --set {set_example} (YAML value syntax)")
+
+
 def _server_flags(parser: argparse.ArgumentParser) -> None:
     """--url / --api-key of a running homefire server (train --serve, models load)."""
     parser.add_argument("--url", default=f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_PORT}",
@@ -90,11 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "  homefire train cfg.yaml --set scaling.workers=4 --set optim.lr=1e-4 --address auto",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    t.add_argument("config", help="training YAML (see train/configs/)")
-    t.add_argument("--address", help="Ray cluster to run on (e.g. 'auto'); default: start a local Ray")
-    t.add_argument("--resume", metavar="RUN", help="continue RUN (a run id or run directory) from its last checkpoint")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set optim.lr=1e-4 (YAML value syntax)")
+    _run_flags(t, "training YAML (see train/configs/)", "optim.lr=1e-4")
     t.add_argument("--serve", action="store_true", help="load the trained adapter into the running server at --url")
     _server_flags(t)
 
@@ -110,11 +117,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "  homefire distill cfg.yaml --set distill.alpha=0.9 --set optim.max_steps=200",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    d.add_argument("config", help="training YAML with a distill section (see train/configs/demo-distill.yaml)")
-    d.add_argument("--address", help="Ray cluster to run on (e.g. 'auto'); default: start a local Ray")
-    d.add_argument("--resume", metavar="RUN", help="continue RUN (a run id or run directory) from its last checkpoint")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set distill.alpha=0.9 (YAML value syntax)")
+    _run_flags(d, "training YAML with a distill section (see train/configs/demo-distill.yaml)", "distill.alpha=0.9")
     d.set_defaults(serve=False, url=None, api_key=None, distill=True)
 
     tu = sub.add_parser(
@@ -130,11 +133,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "  homefire tune cfg.yaml --set select.max_ppl_increase=0.05 --set select.concurrency=8",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    tu.add_argument("config", help="sweep YAML (see tune/configs/)")
-    tu.add_argument("--address", help="Ray cluster to run on (e.g. 'auto'); default: start a local Ray")
-    tu.add_argument("--resume", metavar="DIR", help="continue the sweep in DIR (<storage>/<name>) after its driver died")
-    tu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key, e.g. --set select.max_ppl_increase=0.05 (YAML value syntax)")
+    _run_flags(tu, "sweep YAML (see tune/configs/)", "select.max_ppl_increase=0.05",
+               resume=("DIR", "continue the sweep in DIR (<storage>/<name>) after its driver died"))
 
     m = sub.add_parser("models", help="build / pretrain the offline demo models; list the registry; load an adapter")
     msub = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")

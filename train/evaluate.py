@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from homefire import evaluation
-from homefire.evaluation import Example, normalize
+from homefire.evaluation import Example
 from homefire.train.config import TrainConfig
 
 
@@ -72,4 +72,4 @@ def exact_match_before_after(cfg: TrainConfig, model_path: str, artifact: str, e
     ))
 
 
-__all__ = ["exact_match_before_after", "normalize", "transformers_generate"]
+__all__ = ["exact_match_before_after", "transformers_generate"]

@@ -23,6 +23,12 @@ from homefire.errors import ConfigError
 HELDOUT_TEXT = Path(__file__).parent / "data" / "heldout.txt"
 
 
+def _once(values: list[str], what: str) -> list[str]:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what} is listed twice; fix: list each once")
+    return values
+
+
 def _structured(prune_target: str) -> bool:
     from homefire.convert import prune
 
@@ -93,9 +99,7 @@ class SpaceSpec(StrictModel):
         unknown = [v for v in values if v not in TARGETS]
         if unknown:
             raise ValueError(f"unknown format(s) {', '.join(unknown)}; fix: use any of {', '.join(TARGETS)}")
-        if len(set(values)) != len(values):
-            raise ValueError("a format is listed twice; fix: list each once")
-        return values
+        return _once(values, "a format")
 
     @field_validator("prune")
     @classmethod
@@ -110,9 +114,7 @@ class SpaceSpec(StrictModel):
             except ConfigError as err:
                 raise ValueError(str(err).replace("prune-<", "<").replace("'prune-", "'")) from None
             out.append(name)
-        if len(set(out)) != len(out):
-            raise ValueError("a pruning is listed twice; fix: list each once")
-        return out
+        return _once(out, "a pruning")
 
     @field_validator("chains")
     @classmethod
@@ -143,9 +145,7 @@ class SpaceSpec(StrictModel):
                 elif steps[i + 1:] not in ([], ["kv-fp8"]):
                     raise ValueError(f"{chain}: the format ({step}) is the last step (but for kv-fp8); fix: move it "
                                      "to the end")
-        if len(set(values)) != len(values):
-            raise ValueError("a chain is listed twice; fix: list each once")
-        return values
+        return _once(values, "a chain")
 
     @model_validator(mode="after")
     def _something(self) -> "SpaceSpec":

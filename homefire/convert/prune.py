@@ -87,10 +87,6 @@ def parse(target: str) -> PruneSpec:
     return PruneSpec(method, int(amount) / 100)
 
 
-def is_prune(target: str) -> bool:
-    return target.startswith("prune-")
-
-
 def _config(src: Path) -> dict[str, Any]:
     return json.loads((src / "config.json").read_text())
 
@@ -357,4 +353,4 @@ def convert(src: Path, out: Path, target: str) -> dict[str, Any]:
     return facts
 
 
-__all__ = ["METHODS", "PruneSpec", "calibration_ids", "check", "convert", "is_prune", "parse"]
+__all__ = ["METHODS", "PruneSpec", "calibration_ids", "check", "convert", "parse"]
