@@ -13,12 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import signal
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +43,8 @@ def _run_flags(parser: argparse.ArgumentParser, config_help: str, set_example: s
     parser.add_argument("--resume", metavar=resume[0], help=resume[1])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override a config key, e.g. --set {set_example} (YAML value syntax)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print Ray's and the workers' own log lines here (default: only their log folder)")
 
 
 def _server_flags(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +74,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "serve", help="serve models behind an OpenAI-compatible API",
         description="Start (or connect to) Ray and deploy the serve app. With no CONFIG, serves the embedded "
         "default: two offline demo models on the vLLM engine. CONFIG is a homefire serve YAML or a Serve config "
-        "whose application runs homefire.serve:build_app. Blocks until Ctrl-C.",
+        "whose application runs homefire.serve:build_app. Blocks until Ctrl-C or SIGTERM, which drain: new requests get "
+        "503, those in flight finish (server.drain_timeout_s, default 30 s), then Ray stops and the command exits 0.",
     )
     s.add_argument("config", nargs="?", help="serve YAML (default: the embedded demo config)")
     _flags_from_model(s, ServerConfig, ["host", "port", "proxy"])
@@ -84,6 +83,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-cpus", type=float, help="logical CPUs for a local Ray (default: enough for the config)")
     s.add_argument("--num-gpus", type=float, help="logical GPUs for a local Ray (default: detected)")
     s.add_argument("--detach", action="store_true", help="return once the app is ready, leaving it running")
+    s.add_argument("--verbose", action="store_true",
+                   help="print Ray's, Serve's and the engines' own log lines here (default: only their log folder)")
 
     st = sub.add_parser("status", help="replicas running, starting and pending per model")
     st.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
@@ -148,6 +149,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     bd.add_argument("names", nargs="*", help="demo model names (default: all)")
     bd.add_argument("--address", help="Ray cluster to run on; default: a local Ray")
+    bd.add_argument("--verbose", action="store_true",
+                    help="print Ray's and the workers' own log lines here (default: only their log folder)")
     from homefire.convert import PRUNE_TARGETS, TARGETS, target
 
     cv = msub.add_parser(
@@ -174,123 +177,13 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _free_port(host: str) -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def _local_cpus(cfg) -> float:
-    """Enough logical CPUs for every initial replica plus the ingress, never less than the machine has."""
-    need = cfg.server.ingress_cpus * cfg.server.ingress_replicas + 1
-    for mdl in cfg.models:
-        a = mdl.autoscaling
-        n = mdl.replicas or (a.initial_replicas if a and a.initial_replicas is not None else a.min_replicas if a else 1)
-        need += mdl.cpus * n
-    return float(max(os.cpu_count() or 1, math.ceil(need)))
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    from homefire.serve.builders import DEFAULT_CONFIG, app_config_from_file, build_app, serve_http_options
+    from homefire.serve.runner import ServeOptions, serve_forever
 
-    path = args.config or str(DEFAULT_CONFIG)
-    cfg = app_config_from_file(path)  # a bad config fails here, before Ray starts
-    http = serve_http_options(path)
-    host = args.host or http.get("host") or cfg.server.host
-    port = args.port or http.get("port") or cfg.server.port
-
-    import ray
-    from ray import serve
-
-    # Ctrl-C / SIGTERM at any point (even while deploying) ends in an orderly shutdown, never a traceback.
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    proxy = args.proxy or cfg.server.proxy
-    if proxy == "direct" and cfg.server.ingress_replicas != 1:
-        raise ConfigError("--proxy direct needs server.ingress_replicas: 1. Fix: use --proxy serve")
-    serve_port = port
-    print(f"homefire {__version__}: starting Ray ...", flush=True)
-    if args.address:
-        if args.proxy:
-            print("note: --proxy only applies when homefire starts Ray; a running cluster keeps its own", flush=True)
-        ray.init(address=args.address)
-    else:
-        # Read by every Serve process at import: set before Ray starts so they all inherit it.
-        if proxy == "direct":
-            # The ingress replica binds the API port itself; Serve's own proxy moves to a spare loopback port.
-            os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-            os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
-            os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 1)
-            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
-            serve_port = _free_port(host)
-        elif proxy == "haproxy":
-            os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
-            os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-        ray.init(num_cpus=args.num_cpus or _local_cpus(cfg), num_gpus=args.num_gpus, dashboard_host="127.0.0.1")
-    serve.start(http_options={"host": host, "port": serve_port})
-    args_dict = cfg.model_dump(mode="json")
-    args_dict["server"]["api_keys"] = [k.get_secret_value() for k in cfg.server.api_keys]
-    print(f"deploying {', '.join(m.name for m in cfg.models)} (engines take ~30-60 s each on CPU) ...", flush=True)
-    t0 = time.time()
-    serve._run(build_app(args_dict), _blocking=False, name=constants.SERVE_APP_NAME, route_prefix="/")
-    if not _wait_until_running(constants.SERVE_APP_NAME, constants.SERVE_START_TIMEOUT_S, stop):
-        _shutdown(args.address is not None)
-        return 0 if stop.is_set() else 1
-    print(f"ready in {time.time() - t0:.0f}s: http://{host}:{port}/v1  (models: {', '.join(m.name for m in cfg.models)})")
-    print(f"  try: curl http://{host}:{port}/v1/models    status: homefire status", flush=True)
-    if args.detach:
-        return 0
-    stop.wait()
-    _shutdown(args.address is not None)
-    return 0
-
-
-def _shutdown(remote: bool) -> None:
-    """Delete the app (on a cluster) or stop Serve and the local Ray this command started."""
-    import ray
-    from ray import serve
-
-    print("shutting down ...", flush=True)
-    try:
-        if remote:
-            serve.delete(constants.SERVE_APP_NAME)
-        else:
-            serve.shutdown()
-    except Exception as err:  # Ctrl-C in a terminal also reaches Ray's own processes; they may be gone already
-        print(f"note: Serve did not shut down cleanly ({type(err).__name__}: {err}); stopping Ray", flush=True)
-    finally:
-        ray.shutdown()
-
-
-def _wait_until_running(app: str, timeout_s: float, stop: threading.Event) -> bool:
-    """Poll the app until it runs; print progress lines; False on failure or timeout (bounded wait)."""
-    from homefire.serve.status import app_status, format_status
-
-    deadline = time.time() + timeout_s
-    last = None
-    while time.time() < deadline and not stop.is_set():
-        st = app_status(app)
-        if st["status"] == "RUNNING":
-            return True
-        if st["status"] == "DEPLOY_FAILED":
-            print(format_status(st), file=sys.stderr)
-            return False
-        line = ", ".join(
-            f"{d.get('model') or n}: {d['running']} running/{d['starting']} starting/{d['pending']} pending"
-            for n, d in st["deployments"].items()
-        )
-        if line != last:
-            print(f"  [{time.time() - deadline + timeout_s:5.0f}s] {line or st['status']}", flush=True)
-            last = line
-        stop.wait(2)
-    if stop.is_set():
-        return False
-    print(f"the app did not start within {timeout_s:.0f}s (HOMEFIRE_SERVE_START_TIMEOUT_S):", file=sys.stderr)
-    print(format_status(app_status(app)), file=sys.stderr)
-    return False
+    return serve_forever(ServeOptions(
+        config=args.config, host=args.host, port=args.port, proxy=args.proxy, address=args.address,
+        num_cpus=args.num_cpus, num_gpus=args.num_gpus, detach=args.detach, verbose=args.verbose,
+    ))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -326,7 +219,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from homefire.tune import load_tune_config, run_tune
 
     cfg = load_tune_config(args.config, _parse_overrides(args.set))  # a bad config fails before Ray starts
-    rep = run_tune(cfg, address=args.address, resume=args.resume)
+    rep = run_tune(cfg, address=args.address, resume=args.resume, verbose=args.verbose)
     print(f"\nreport: {rep.experiment_dir}/report.md   plot: {rep.experiment_dir}/pareto.png")
     if rep.best:
         print(f"best for {cfg.select.concurrency} stream(s): {rep.best}; serve it: homefire serve "
@@ -343,7 +236,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "distill", False):
         overrides = {"method": "distill", **overrides}
     cfg = load_train_config(args.config, overrides)  # a bad config fails before Ray starts
-    report = run_training(cfg, address=args.address, resume=args.resume)
+    report = run_training(cfg, address=args.address, resume=args.resume, verbose=args.verbose)
     print("\nrun summary:\n" + report.summary(), flush=True)
     print(f"report: {report.run_dir}/report.json   loss curve: {report.run_dir}/loss_curve.png")
     if report.status != "finished":
@@ -433,7 +326,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         for name in args.names or list(DEMO_PRETRAIN):
             if name not in DEMO_PRETRAIN:
                 raise ConfigError(f"unknown demo model '{name}'. Fix: use one of {', '.join(DEMO_PRETRAIN)}")
-            e = ensure_pretrained(name, reg, address=args.address)
+            e = ensure_pretrained(name, reg, address=args.address, verbose=args.verbose)
             ppl = e.metrics.get("eval_after", {}).get("perplexity")
             print(f"{e.ref:<24} held-out perplexity {ppl}   {e.path}")
         return 0

@@ -24,6 +24,8 @@ ENGINE_START_TIMEOUT_S = _env_float("HOMEFIRE_ENGINE_START_TIMEOUT_S", 600.0)
 COLD_START_TIMEOUT_S = _env_float("HOMEFIRE_COLD_START_TIMEOUT_S", 300.0)
 #: Longest wait for the readiness route's replica probes.
 HEALTH_CHECK_TIMEOUT_S = _env_float("HOMEFIRE_HEALTH_CHECK_TIMEOUT_S", 5.0)
+#: How often a model replica checks that its engine lives (a dead engine makes the replica exit and be replaced).
+ENGINE_WATCH_S = _env_float("HOMEFIRE_ENGINE_WATCH_S", 0.5)
 #: Longest wait for a replica to load a LoRA adapter from the registry.
 ADAPTER_LOAD_TIMEOUT_S = _env_float("HOMEFIRE_ADAPTER_LOAD_TIMEOUT_S", 120.0)
 #: How often a replica re-reads the registry for a newer version of an adapter it has loaded.

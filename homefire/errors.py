@@ -13,6 +13,10 @@ class HomefireError(Exception):
 
     status: int = 500
     type: str = "internal_error"
+    #: Seconds a client should wait before trying again (sent as ``Retry-After`` on 429 and 503).
+    retry_after_s: float | None = None
+    #: The request never reached a working engine: the ingress may send it again (once nothing was answered).
+    retryable: bool = False
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message, param, code)
@@ -69,11 +73,26 @@ class EngineStartTimeout(HomefireError, TimeoutError):
 class ServiceUnavailable(HomefireError):
     status = 503
     type = "service_unavailable"
+    retry_after_s = 1.0
+
+
+class Overloaded(ServiceUnavailable):
+    """The model's queue is full: the request was refused at once instead of waiting unboundedly."""
+
+    retry_after_s = 2.0
+
+
+class EngineDead(ServiceUnavailable):
+    """The engine (or the replica holding it) died before this request produced output; a new one is starting."""
+
+    retryable = True
+    retry_after_s = 5.0
 
 
 class QuotaExceeded(HomefireError):
     status = 429
     type = "rate_limit_error"
+    retry_after_s = 1.0
 
 
 class EngineError(HomefireError):

@@ -56,14 +56,17 @@ def resolve_model(model: AnyModelConfig, registry: Registry) -> tuple[str, str]:
     return path, entry.ref if entry is not None else path
 
 
-def _model_options(m: AnyModelConfig) -> dict[str, Any]:
+def _model_options(m: AnyModelConfig, drain_timeout_s: float) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "name": deployment_name(m),
         "ray_actor_options": {"num_cpus": m.cpus, "num_gpus": m.gpus},
         "max_ongoing_requests": m.max_ongoing_requests,
-        "health_check_period_s": 10,
+        # Per caller (the ingress): past it, requests are refused at once (the ingress answers 503 + Retry-After).
+        "max_queued_requests": m.max_queued_requests or m.max_ongoing_requests,
+        "health_check_period_s": m.health_check_period_s,
         "health_check_timeout_s": 30,
-        "graceful_shutdown_timeout_s": 20,
+        # A redeploy (`serve deploy`) lets a replica finish what it holds before it stops.
+        "graceful_shutdown_timeout_s": drain_timeout_s,
     }
     if m.autoscaling is not None:
         opts["autoscaling_config"] = m.autoscaling.to_serve()
@@ -96,7 +99,7 @@ def build_app(args: dict[str, Any] | None = None):
     handles, deployments, optional = {}, {}, []
     for m in cfg.models:
         path, base_ref = resolve_model(m, registry)
-        dep = serve.deployment(ModelServer).options(**_model_options(m))
+        dep = serve.deployment(ModelServer).options(**_model_options(m, cfg.server.drain_timeout_s))
         handles[m.name] = dep.bind(m.model_dump(mode="json"), path, STREAM_INTERVAL_S, registry.uri, base_ref)
         deployments[deployment_name(m)] = m.name
         if m.autoscaling is not None and m.autoscaling.min_replicas == 0:
@@ -111,6 +114,7 @@ def build_app(args: dict[str, Any] | None = None):
         num_replicas=cfg.server.ingress_replicas,
         ray_actor_options={"num_cpus": cfg.server.ingress_cpus},
         max_ongoing_requests=10_000,
+        graceful_shutdown_timeout_s=cfg.server.drain_timeout_s,
     )
     return ingress.bind(server, handles, deployments, int(time.time()), optional)
 

@@ -71,6 +71,15 @@ class _ModelBase(ModelSpec):
     max_ongoing_requests: int = Field(
         256, ge=1, le=100_000, description="Requests one replica accepts at once; the engine batches or queues them."
     )
+    max_queued_requests: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="Requests that may wait for a free replica slot (beyond max_ongoing_requests per replica); the "
+        "rest are refused at once with 503 and Retry-After, so admitted requests finish in bounded time and memory. "
+        "Default: max_ongoing_requests (one more batch's worth).",
+    )
+    health_check_period_s: float = Field(
+        2.0, gt=0, le=600, description="How often Serve asks a replica whether its engine is healthy.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -229,7 +238,18 @@ class ServerConfig(StrictModel):
     request_timeout_s: float = Field(600.0, gt=0, le=86_400, description="Longest a request may run.")
     cold_start_timeout_s: float = Field(
         constants.COLD_START_TIMEOUT_S, gt=0, le=3600,
-        description="How long a request waits for a replica of a model scaled to zero before a 503.",
+        description="How long a request waits for a replica (scaled to zero, starting, or replacing one that died) "
+        "before a 503.",
+    )
+    retries: int = Field(
+        2, ge=0, le=10,
+        description="Times a request is sent again when its replica or engine died before it produced any output "
+        "(the client sees no failure; a stream that already sent tokens ends with an error event instead).",
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, le=3600,
+        description="On SIGTERM/SIGINT, `homefire serve` refuses new requests and waits this long for those in flight "
+        "before it stops.",
     )
     proxy: Literal["direct", "serve", "haproxy"] = Field(
         "direct",

@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -29,20 +30,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from homefire import constants
 from homefire.errors import (
     AuthenticationError,
+    EngineDead,
     EngineError,
     HomefireError,
     InvalidRequest,
     ModelNotFound,
+    Overloaded,
     PayloadTooLarge,
     ServiceUnavailable,
 )
 from homefire.serve.config import ServerConfig
 from homefire.serve.metrics import ServeMetrics
+from homefire.serve.openapi import document
 from homefire.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 logger = logging.getLogger(__name__)
 
 app = FastAPI(title="homefire", description="OpenAI-compatible API for models served by homefire.")
+# Before @serve.ingress below, which freezes a copy of the app: the request and response models in /openapi.json.
+document(app)
 # Managed-endpoint container contracts (SageMaker, Vertex AI, Azure ML). Vertex names its routes in the
 # environment of the container; read at import, in the replica that serves them.
 VERTEX_HEALTH_ROUTE = os.environ.get("AIP_HEALTH_ROUTE", "/vertex/health")
@@ -51,8 +57,9 @@ _PUBLIC = {"/health", "/ready", "/ping", VERTEX_HEALTH_ROUTE}
 
 
 def error_response(err: HomefireError) -> JSONResponse:
-    """The single place a homefire error becomes an HTTP response."""
-    return JSONResponse(err.to_openai(), status_code=err.status)
+    """The single place a homefire error becomes an HTTP response (429 and 503 say when to come back)."""
+    headers = {"Retry-After": str(math.ceil(err.retry_after_s))} if err.retry_after_s else None
+    return JSONResponse(err.to_openai(), status_code=err.status, headers=headers)
 
 
 def error_event(err: HomefireError) -> str:
@@ -158,6 +165,45 @@ async def _first_item(gen, timeout_s: float, stage: str):
     return task.result()
 
 
+def _rebindable_api_port() -> None:
+    """Bind the API port with SO_REUSEADDR, so ``homefire serve`` can start again right after a stop.
+
+    Serve's direct ingress (the replica binds the API port itself) binds without it: after a stop, the server's side
+    of every connection a client still held open (keep-alive: SDKs and proxies keep them) lingers in FIN-WAIT-2 or
+    TIME-WAIT for up to a minute, the next bind fails, and the deploy fails with it ("Failed to update the deployments
+    ['ingress']", NoAvailablePortError in the controller log). SO_REUSEADDR alone, not SO_REUSEPORT: a second server
+    on a port that is really in use is still refused. Called in the ingress replica before Serve starts its server;
+    a Ray without these internals keeps its own binding (``homefire serve`` then waits for the port instead).
+    """
+    import socket
+
+    from ray.serve._private import http_util, replica
+
+    start = getattr(replica, "start_asgi_http_server", None)
+    if start is None or not hasattr(http_util, "set_socket_reuse_port") or getattr(start, "homefire", False):
+        return
+
+    def reuse_address(sock: socket.socket) -> bool:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        return True
+
+    async def start_rebindable(*args, **kwargs):
+        kwargs["enable_so_reuseport"] = True  # which now sets SO_REUSEADDR only
+        return await start(*args, **kwargs)
+
+    start_rebindable.homefire = True
+    http_util.set_socket_reuse_port = reuse_address
+    replica.start_asgi_http_server = start_rebindable
+
+
+def _cancel(gen) -> None:
+    """Cancel a model call; a call that already failed re-raises its error from ``cancel``: it is over anyway."""
+    try:
+        gen.cancel()
+    except Exception:
+        pass
+
+
 @serve.ingress(app)
 class Ingress:
     """Routes each request to the deployment of the model it names."""
@@ -177,6 +223,8 @@ class Ingress:
         self.api_keys = [k.encode() for k in keys]
         self.metrics = ServeMetrics()
         self._ongoing: dict[str, int] = {}
+        self.draining = False
+        _rebindable_api_port()
 
     # ------------------------------------------------------------------ plumbing
     def _authorize(self, request: Request) -> None:
@@ -217,23 +265,21 @@ class Ingress:
         return await self._dispatch(req, method, route)
 
     async def _dispatch(self, req: Any, method: str, route: str) -> Response:
+        if self.draining:
+            raise ServiceUnavailable("the server is shutting down; send the request to another instance or retry",
+                                     code="shutting_down")
         if req.n > self.cfg.max_n:
             raise InvalidRequest(f"n={req.n} is above this server's limit of {self.cfg.max_n}", param="n")
         base, _, adapter = self._route(req.model)
         started = time.perf_counter()
-        handle = self.handles[base].options(stream=True, method_name=method)
-        gen = handle.remote(req, adapter)
         self._ongoing[base] = self._ongoing.get(base, 0) + 1
         self.metrics.ongoing.labels(base).set(self._ongoing[base])
+        gen, first = None, None
         try:
-            # The replica answers "" once it has the request and the request passed its checks: this wait
-            # covers queueing and scale-from-zero; a bad request surfaces here as its 4xx.
-            await _first_item(gen, self.cfg.cold_start_timeout_s, "cold start")
-            first = await _first_item(gen, self.cfg.request_timeout_s, "first token" if req.stream else "request")
-        except BaseException as err:
-            gen.cancel()
+            gen, first = await self._first_answer(req, method, adapter, base)
+        except BaseException:
             self._done(base, route, started)
-            raise self._as_homefire(err, base) from None
+            raise
         if req.stream:
             return StreamingResponse(self._relay(first, gen, base, route, started), media_type="text/event-stream")
         try:
@@ -244,24 +290,70 @@ class Ingress:
             self._done(base, route, started, 200)
         return Response(first, media_type="application/json")
 
+    async def _first_answer(self, req: Any, method: str, adapter: str | None, model: str) -> tuple[Any, str]:
+        """Send the request to a replica of ``model``; (the response stream, its first item with output).
+
+        A request whose replica or engine died before it answered anything is sent again (the router then picks
+        a live replica, or waits for the replacement within the cold-start timeout): nothing was lost, nothing was
+        sent twice to the client.
+        """
+        handle = self.handles[model].options(stream=True, method_name=method)
+        deadline = time.monotonic() + self.cfg.cold_start_timeout_s
+        for attempt in range(1 + self.cfg.retries):
+            gen = None
+            try:
+                gen = handle.remote(req, adapter)  # a full queue refuses here (BackPressureError)
+                # The replica answers "" once it has the request and the request passed its checks: this wait
+                # covers queueing and scale-from-zero; a bad request surfaces here as its 4xx.
+                await _first_item(gen, max(1.0, deadline - time.monotonic()), "cold start")
+                first = await _first_item(gen, self.cfg.request_timeout_s, "first token" if req.stream else "request")
+                return gen, first
+            except BaseException as err:
+                if gen is not None:
+                    _cancel(gen)
+                herr = self._as_homefire(err, model)
+                if not herr.retryable or attempt == self.cfg.retries or time.monotonic() > deadline:
+                    raise herr from None
+                self.metrics.retries.labels(model).inc()
+                logger.warning("request to %s retried (attempt %d): %s", model, attempt + 2, herr.message)
+                await asyncio.sleep(min(0.25 * 2**attempt, 2.0))
+        raise AssertionError("unreachable")
+
     def _as_homefire(self, err: BaseException, model: str) -> HomefireError:
+        """Any failure of a model call as the homefire error a client sees: short, no Ray or engine internals
+        (those go to the log)."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
         if isinstance(err, HomefireError):
             return err
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, HomefireError):
+            return cause
         if isinstance(err, _Timeout):
             if err.stage == "cold start":
                 return ServiceUnavailable(
                     f"model '{model}' had no replica ready within {err.timeout_s:.0f}s (it may be scaling up from "
-                    "zero or short of resources: see GET /v1/status); retry later", code="cold_start_timeout",
+                    "zero, restarting, or short of resources: see GET /v1/status); retry later",
+                    code="cold_start_timeout",
                 )
             return ServiceUnavailable(
                 f"model '{model}' did not answer within {err.timeout_s:.0f}s ({err.stage}); retry later",
                 code="timeout",
             )
-        cause = getattr(err, "cause", None)
-        if isinstance(cause, HomefireError):
-            return cause
-        logger.exception("request to %s failed", model, exc_info=err)
-        return EngineError(f"model '{model}' failed to answer: {type(err).__name__}: {err}")
+        if isinstance(err, BackPressureError):
+            return Overloaded(
+                f"model '{model}' is at capacity (its queue of {err.args[1]} waiting requests is full); retry after "
+                "the Retry-After seconds", code="overloaded",
+            )
+        if isinstance(err, (ActorDiedError, ActorUnavailableError, RayActorError)) or isinstance(cause, RayActorError):
+            logger.warning("a replica of %s went away: %s", model, err)
+            return EngineDead(f"model '{model}' lost the replica serving this request; a new one is starting. "
+                              "Retry shortly", code="replica_restarting")
+        if isinstance(err, DeploymentUnavailableError):
+            return ServiceUnavailable(f"model '{model}' failed to deploy: see GET /v1/status", code="deploy_failed")
+        logger.error("request to %s failed", model, exc_info=err)
+        return EngineError(f"model '{model}' failed to answer ({type(err).__name__}); the server log has the details")
 
     def _done(self, model: str, route: str, started: float, status: int | None = None):
         self._ongoing[model] = max(0, self._ongoing.get(model, 1) - 1)
@@ -280,7 +372,7 @@ class Ingress:
                 else:
                     yield item
         except (asyncio.CancelledError, GeneratorExit):  # client went away: stop the replica's work too
-            gen.cancel()
+            _cancel(gen)
             raise
         except BaseException as err:
             status = 500
@@ -360,10 +452,23 @@ class Ingress:
 
     @app.get("/ready")
     async def ready(self) -> JSONResponse:
-        """Readiness: every model that keeps replicas (min_replicas > 0) has a running one."""
+        """Readiness: every model that keeps replicas (min_replicas > 0) has a running one, and no drain began."""
         ok, not_ready = await self._readiness()
-        body = {"status": "ready" if ok else "not_ready", "not_ready": not_ready}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        status = "draining" if self.draining else "ready" if ok else "not_ready"
+        return JSONResponse({"status": status, "not_ready": not_ready}, status_code=200 if status == "ready" else 503)
+
+    # ------------------------------------------------------------------ drain (called through a handle)
+    async def drain(self) -> int:
+        """Refuse new inference requests from now on (503, readiness down); returns the requests still in flight.
+        ``homefire serve`` calls it on SIGTERM/SIGINT, then waits for :meth:`in_flight` to reach 0."""
+        if not self.draining:
+            logger.info("draining: new requests are refused, %d in flight", self.in_flight())
+        self.draining = True
+        return self.in_flight()
+
+    def in_flight(self) -> int:
+        """Inference requests accepted and not yet answered in full (streams included)."""
+        return sum(self._ongoing.values())
 
     @app.get("/v1/status")
     async def status(self, request: Request) -> dict:
@@ -398,6 +503,7 @@ class Ingress:
     async def sagemaker_ping(self) -> JSONResponse:
         """SageMaker health check: 200 once every model that keeps replicas has one running."""
         ok, not_ready = await self._readiness()
+        ok = ok and not self.draining
         return JSONResponse({"status": "ok" if ok else "not_ready", "not_ready": not_ready}, status_code=200 if ok else 503)
 
     @app.post("/invocations")

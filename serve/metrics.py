@@ -36,6 +36,10 @@ class ServeMetrics:
         )
         self.tokens_in = Counter("homefire_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
         self.tokens_out = Counter("homefire_completion_tokens", "Completion tokens generated.", ["model"], registry=r)
+        self.retries = Counter(
+            "homefire_retries", "Requests sent again because their replica or engine died before answering.",
+            ["model"], registry=r,
+        )
         self.ongoing = Gauge(
             "homefire_ongoing_requests", "Requests in flight (queued or generating) at the API.", ["model"], registry=r
         )

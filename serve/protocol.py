@@ -71,6 +71,15 @@ class ResponseFormat(_Request):
 class _Sampling(_Request):
     """Fields shared by chat and text completions."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """An explicit ``null`` means "the default", as OpenAI's API and vLLM's treat it (clients send it)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
+                    or cls.model_fields[k].default is None}
+        return data
+
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
     n: int = Field(1, ge=1, le=128)
@@ -132,6 +141,8 @@ class CompletionRequest(_Sampling):
             if isinstance(v[0], str):
                 if len(v) != 1:
                     raise ValueError("batched prompts are not supported; send one prompt per request (use `n` for choices)")
+                if v[0] == "":
+                    raise ValueError("`prompt` must not be empty")
         elif v == "":
             raise ValueError("`prompt` must not be empty")
         return v

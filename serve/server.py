@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from homefire import constants
-from homefire.errors import AdapterNotFound, ConfigError, EngineStartTimeout, InvalidRequest, ModelNotFound
+from homefire.errors import AdapterNotFound, ConfigError, EngineDead, EngineStartTimeout, InvalidRequest, ModelNotFound
 from homefire.registry import Registry
 from homefire.serve.config import model_config
 from homefire.serve.engines import engine_class
@@ -39,19 +40,52 @@ class ModelServer:
         self.engine = engine_class(self.cfg.engine)(self.cfg, model_path)
         await self.engine.start(constants.ENGINE_START_TIMEOUT_S)
         self.serving = OpenAIServing(self.cfg.name, self.engine, stream_interval_s)
+        self._stopping = False
+        self._watchdog = asyncio.create_task(self._watch_engine())
         logger.info("model %s ready (engine %s, max_model_len %d)", self.cfg.name, self.cfg.engine, self.engine.max_model_len)
 
     async def chat(self, request: ChatCompletionRequest, adapter: str | None = None) -> AsyncIterator[str | dict]:
         if adapter is not None:
             await self.ensure_adapter(adapter)
-        async for item in self.serving.chat(request, adapter):
-            yield item
+        try:
+            async for item in self.serving.chat(request, adapter):
+                yield item
+        except EngineDead as err:
+            self._engine_died(err)
+            raise
 
     async def completion(self, request: CompletionRequest, adapter: str | None = None) -> AsyncIterator[str | dict]:
         if adapter is not None:
             await self.ensure_adapter(adapter)
-        async for item in self.serving.completion(request, adapter):
-            yield item
+        try:
+            async for item in self.serving.completion(request, adapter):
+                yield item
+        except EngineDead as err:
+            self._engine_died(err)
+            raise
+
+    async def _watch_engine(self) -> None:
+        """Notice a dead engine within ``ENGINE_WATCH_S``, whether or not a request is running."""
+        while not self._stopping:
+            await asyncio.sleep(constants.ENGINE_WATCH_S)
+            try:
+                await asyncio.wait_for(self.engine.check_health(), constants.HEALTH_CHECK_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                continue  # slow, not dead: Serve's own health check (30 s, three strikes) judges a hung engine
+            except Exception as err:
+                if not self._stopping:
+                    self._engine_died(err)
+                return
+
+    def _engine_died(self, err: BaseException) -> None:
+        """A replica whose engine died is worth nothing: leave at once, so the router stops choosing it (the
+        requests it held are retried by the ingress) and Serve starts a fresh replica in its place."""
+        if self._stopping:
+            return
+        self._stopping = True
+        logger.error("model %s: the engine died (%s); this replica exits so Serve replaces it", self.cfg.name, err)
+        # A moment for the answers already failing (EngineDead, retried by the ingress) to leave this process.
+        asyncio.get_running_loop().call_later(0.2, os._exit, 1)
 
     async def ensure_adapter(self, name: str) -> str:
         """Load adapter ``name`` from the registry unless this replica has it; returns its registry ref.
@@ -147,4 +181,6 @@ class ModelServer:
         await self.engine.check_health()
 
     async def __del__(self):
+        self._stopping = True
+        self._watchdog.cancel()
         await self.engine.shutdown()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from homefire.errors import EngineError, HomefireError, InvalidRequest
 from homefire.serve.engines.protocol import Delta, Engine, SamplingSpec
 from homefire.serve.protocol import ChatCompletionRequest, CompletionRequest
 
+logger = logging.getLogger(__name__)
 _DONE = "data: [DONE]\n\n"
 #: First item of every response: the request passed its checks and reached the engine.
 ACCEPTED = ""
@@ -58,7 +60,10 @@ class OpenAIServing:
                 )
             return list(prompt)
         text = prompt[0] if isinstance(prompt, list) else prompt
-        return self.tokenizer.encode(text)
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise InvalidRequest("prompt: the text encodes to no tokens; send some text", param="prompt")
+        return ids
 
     def check_capabilities(self, req: ChatCompletionRequest | CompletionRequest, adapter: str | None) -> None:
         """Refuse with a 400 naming the field what this model's engine cannot do (instead of ignoring it)."""
@@ -116,18 +121,17 @@ class OpenAIServing:
         received = time.perf_counter()
         ids = self.render_chat(req)
         shapes = (self._chat_stream, self._chat_full)
-        # A chat stream opens with the role chunk: its first tokens are in the second chunk.
-        async for item in self._respond(req, ids, "messages", "chatcmpl", shapes, adapter, received, 2 if req.stream else 1):
+        async for item in self._respond(req, ids, "messages", "chatcmpl", shapes, adapter, received):
             yield item
 
     async def completion(self, req: CompletionRequest, adapter: str | None = None) -> AsyncIterator[str | dict]:
         received = time.perf_counter()
         ids = self.render_prompt(req)
         shapes = (self._text_stream, self._text_full)
-        async for item in self._respond(req, ids, "prompt", "cmpl", shapes, adapter, received, 1):
+        async for item in self._respond(req, ids, "prompt", "cmpl", shapes, adapter, received):
             yield item
 
-    async def _respond(self, req, ids: list[int], field: str, prefix: str, shapes, adapter, received: float, token_chunk: int):
+    async def _respond(self, req, ids: list[int], field: str, prefix: str, shapes, adapter, received: float):
         self.check_capabilities(req, adapter)
         spec = self.sampling(req, len(ids), field)
         rid = f"{prefix}-{uuid.uuid4().hex}"
@@ -135,14 +139,16 @@ class OpenAIServing:
         stream = self.engine.generate(rid, ids, spec, adapter)
         st = _stats(len(ids))
         body = shapes[0](req, rid, stream, st) if req.stream else shapes[1](req, rid, stream, st)
-        async for item in self._timed(body, received, st, req.stream, token_chunk):
+        async for item in self._timed(body, received, st, req.stream):
             yield item
 
     # ------------------------------------------------------------------ shapes
     async def _chat_stream(self, req, rid, stream: AsyncIterator[Delta], st: dict):
         created = int(time.time())
         head = f'data: {{"id":"{rid}","object":"chat.completion.chunk","created":{created},"model":{_dumps(req.model)},"choices":['
-        yield "".join(
+        # The role chunks leave with the first tokens: until the engine produced something, nothing was sent, so a
+        # request whose engine dies first can still be retried elsewhere.
+        opening = "".join(
             f'{head}{{"index":{i},"delta":{{"role":"assistant","content":""}},"finish_reason":null}}]}}\n\n'
             for i in range(req.n)
         )
@@ -150,8 +156,9 @@ class OpenAIServing:
             st["completion_tokens"] += d.num_tokens
             finish = "null" if d.finish_reason is None else f'"{d.finish_reason}"'
             delta = f'{{"content":{_dumps(d.text)}}}' if d.text or d.finish_reason is None else "{}"
-            yield f'{head}{{"index":{d.index},"delta":{delta},"finish_reason":{finish}}}]}}\n\n'
-        yield self._usage_tail(req, rid, created, "chat.completion.chunk", st)
+            yield f'{opening}{head}{{"index":{d.index},"delta":{delta},"finish_reason":{finish}}}]}}\n\n'
+            opening = ""
+        yield opening + self._usage_tail(req, rid, created, "chat.completion.chunk", st)
 
     async def _text_stream(self, req, rid, stream: AsyncIterator[Delta], st: dict):
         created = int(time.time())
@@ -208,16 +215,14 @@ class OpenAIServing:
         })
 
     # ------------------------------------------------------------------ batching and stats
-    async def _timed(self, body: AsyncIterator[str], received: float, stats: dict, streaming: bool, token_chunk: int):
+    async def _timed(self, body: AsyncIterator[str], received: float, stats: dict, streaming: bool):
         """Forward ``body`` batched in time, then yield the stats dict."""
         last = None
-        count = 0
         async for chunk in self._batched(body, streaming):
             now = time.perf_counter()
-            count += 1
-            if count == token_chunk:  # the first chunk carrying tokens (a chat stream opens with the role)
+            if last is None:  # the first chunk carries the first tokens
                 stats["ttft_s"] = now - received
-            elif count > token_chunk:
+            else:
                 stats["itl_s"].append(now - last)
             last = now
             yield chunk
@@ -233,9 +238,7 @@ class OpenAIServing:
                     sent = True
             except Exception as err:
                 if not (streaming and sent):
-                    if isinstance(err, HomefireError):
-                        raise
-                    raise EngineError(f"generation failed: {err}") from err
+                    raise _as_error(err) from err
                 yield _error_event(err)
             return
         queue: asyncio.Queue = asyncio.Queue()
@@ -269,8 +272,8 @@ class OpenAIServing:
                 if item is end:
                     return
                 if isinstance(item, BaseException):
-                    if first and isinstance(item, HomefireError):
-                        raise item
+                    if first and not parts:
+                        raise _as_error(item) from item
                     yield _error_event(item)
                     return
                 if not first:
@@ -280,13 +283,17 @@ class OpenAIServing:
             task.cancel()
 
 
+def _as_error(err: BaseException) -> HomefireError:
+    """A homefire error as is; anything else as a short EngineError (the details go to the replica's log)."""
+    if isinstance(err, HomefireError):
+        return err
+    logger.error("generation failed", exc_info=err)
+    return EngineError(f"generation failed ({type(err).__name__}); the server log has the details")
+
+
 def _error_event(err: BaseException) -> str:
     """A failure after the stream started: one error event, then [DONE] (never a half-closed stream)."""
-    if isinstance(err, HomefireError):
-        body = err.to_openai()
-    else:
-        body = EngineError(f"generation failed: {type(err).__name__}: {err}").to_openai()
-    return _sse(body) + _DONE
+    return _sse(_as_error(err).to_openai()) + _DONE
 
 
 def _stats(prompt_len: int) -> dict[str, Any]:

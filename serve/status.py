@@ -69,8 +69,8 @@ def app_status(app_name: str, deployment_models: dict[str, str] | None = None) -
     }
 
 
-def format_status(st: dict[str, Any]) -> str:
-    """A small table for the terminal."""
+def format_status(st: dict[str, Any], detail: bool = False) -> str:
+    """A small table for the terminal; ``detail`` adds each failing deployment's own message (its exception)."""
     lines = [f"app {st['app']}: {st['status']}"]
     if st.get("message"):
         lines.append(f"  {st['message']}")
@@ -85,4 +85,6 @@ def format_status(st: dict[str, Any]) -> str:
                 f"    {d['pending']} replica(s) cannot be placed: the cluster has "
                 f"CPU {avail.get('CPU', 0):g}, GPU {avail.get('GPU', 0):g} free. {d.get('message') or ''}".rstrip()
             )
+        elif detail and d["status"] in ("DEPLOY_FAILED", "UNHEALTHY") and d.get("message"):
+            lines += [f"    {t}" for t in d["message"].splitlines()[-25:]]
     return "\n".join(lines)

@@ -11,6 +11,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_service_port() -> int:
+    """A free port below the kernel's ephemeral range, like 8000: outgoing connections never take it as their local
+    port, so a server can be stopped and started on it again and again."""
+    import random
+
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    for port in random.sample(range(20_000, min(low, 32_000)), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 class ServeCluster:
     """A local Ray with Serve on a free loopback port."""
 

@@ -383,6 +383,10 @@ class FinetuneRecipe:
         # Not print(): Ray Train patches print into its logger and echoes it, which shows every line twice.
         sys.stdout.write(f"[homefire train] {text}\n")
         sys.stdout.flush()
+        progress = self.job.get("progress_log")
+        if progress:  # the driver prints these (the workers' own output stays in Ray's log folder)
+            with open(progress, "a") as f:
+                f.write(f"[homefire train] {text}\n")
         log = self.job.get("metrics_log")
         if record is not None and log:
             with open(log, "a") as f:

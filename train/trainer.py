@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -77,18 +79,58 @@ class RunReport:
         return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-def _ensure_ray(address: str | None, cfg: TrainConfig) -> None:
+def _ensure_ray(address: str | None, cfg: TrainConfig, log_to_driver: bool) -> None:
+    """Connect to (or start) Ray. Without ``log_to_driver`` the workers' own lines (Ray, torch, DeepSpeed) stay in
+    the session's log folder, printed once; homefire's progress lines reach the terminal through the run's
+    progress log instead."""
     import ray
 
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):  # a cluster, or inside `ray job submit` (which sets RAY_ADDRESS)
-        ray.init(address=address, logging_level="WARNING")
-        return
-    # Logical CPUs: every worker plus room for Ray Data's readers next to them (oversubscribed on small boxes).
-    need = math.ceil(cfg.scaling.workers * cfg.scaling.cpus_per_worker) + 2
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), dashboard_host="127.0.0.1",
-             logging_level="WARNING")
+        ray.init(address=address, logging_level="WARNING", log_to_driver=log_to_driver)
+    else:
+        # Logical CPUs: every worker plus room for Ray Data's readers next to them (oversubscribed on small boxes).
+        need = math.ceil(cfg.scaling.workers * cfg.scaling.cpus_per_worker) + 2
+        ray.init(num_cpus=max(os.cpu_count() or 1, need), dashboard_host="127.0.0.1", logging_level="WARNING",
+                 log_to_driver=log_to_driver)
+    if not log_to_driver:
+        logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
+        print(f"[homefire train] Ray and worker logs: {logs}  (--verbose prints them here)", flush=True)
+
+
+class _ProgressTail:
+    """Prints the lines rank 0 appends to the run's progress log, while ``fit`` runs (a thread in the driver)."""
+
+    def __init__(self, path: Path | None):
+        self.path, self._stop = path, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True) if path is not None else None
+
+    def __enter__(self) -> "_ProgressTail":
+        if self._thread is not None:
+            self._offset = self.path.stat().st_size if self.path.exists() else 0  # a resumed run's old lines
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.wait(0.5)
+            if self.path.exists():
+                with open(self.path) as f:
+                    f.seek(self._offset)
+                    text = f.read()
+                cut = text.rfind("\n") + 1  # whole lines only
+                if cut:
+                    sys.stdout.write(text[:cut])
+                    sys.stdout.flush()
+                    self._offset += len(text[:cut].encode())
+            if stopping:
+                return
 
 
 def resolve_base(cfg: TrainConfig, registry: Registry) -> tuple[str, str, str]:
@@ -150,6 +192,7 @@ def run_training(
     registry: Registry | None = None,
     prepared=None,
     quiet: bool = False,
+    verbose: bool = False,
     recipe_hash: str | None = None,
 ) -> RunReport:
     """Run one fine-tuning job end to end and return its report.
@@ -161,6 +204,7 @@ def run_training(
         registry: where the base model is found and the result registered (default: ``$HOMEFIRE_HOME``).
         prepared: already tokenized data (:class:`~homefire.train.data.PreparedData`), e.g. from `build-demo`.
         quiet: no start line (the caller reports progress).
+        verbose: the workers' own output (Ray, torch, DeepSpeed) on the terminal too, not only in Ray's log folder.
         recipe_hash: kept on the registered entry, so a caller can find this exact result again.
 
     Raises:
@@ -214,7 +258,10 @@ def run_training(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    _ensure_ray(address, cfg)
+    # The workers' own output reaches the terminal only when asked (or when no local run dir can carry the progress
+    # lines); a Ray started by someone else keeps its own setting.
+    tail = local and not verbose and not ray.is_initialized()
+    _ensure_ray(address, cfg, log_to_driver=not tail)
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = False  # the step lines are the progress display
     data_ctx.print_on_execution_start = False
@@ -222,6 +269,7 @@ def run_training(
     job = {
         "model_path": model_path, "pad_id": tokenizer.pad_token_id, "total_steps": total_steps,
         "steps_per_epoch": steps_per_epoch, "metrics_log": str(run_dir / "metrics.jsonl") if local else None,
+        "progress_log": str(run_dir / "progress.log") if tail else None,
         "resume_from": str(resume_from) if resume_from else None, "teacher_path": teacher_path,
     }
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
@@ -245,7 +293,8 @@ def run_training(
     if not quiet:
         print(f"[homefire train] run {run_id}: {cfg.method} on {base_ref}, {cfg.scaling.workers} worker(s), "
               f"{total_steps} steps, {data.stats['train_examples']} examples; run dir {run_dir}", flush=True)
-    result = trainer.fit()
+    with _ProgressTail(run_dir / "progress.log" if tail else None):
+        result = trainer.fit()
     metrics = result.metrics or {}
     state = metrics.get("state") or {}
     ckpt_dir = None

@@ -80,13 +80,13 @@ def _progress_callback(total: int):
     return Progress()
 
 
-def _ensure_ray(address: str | None, cfg: TuneConfig) -> None:
+def _ensure_ray(address: str | None, cfg: TuneConfig, log_to_driver: bool = False) -> None:
     import ray
 
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level="WARNING", log_to_driver=log_to_driver)
         return
     # Logical CPUs: a trial's engine has its own threads; more logical CPUs than cores is fine for one trial at a time.
     need = int(cfg.cpus_per_trial * cfg.max_concurrent_trials) + 1
@@ -94,7 +94,10 @@ def _ensure_ray(address: str | None, cfg: TuneConfig) -> None:
         d = cfg.space.distill_settings()
         need += int(d.workers * d.cpus_per_worker * cfg.max_concurrent_trials) + 2
     ray.init(num_cpus=max(os.cpu_count() or 1, need), dashboard_host="127.0.0.1", include_dashboard=False,
-             logging_level="WARNING")
+             logging_level="WARNING", log_to_driver=log_to_driver)
+    if not log_to_driver:
+        logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
+        print(f"Ray, trial and engine logs: {logs}  (--verbose prints them here)", flush=True)
 
 
 def _optuna_tuner(cfg: TuneConfig, fn, run_config):
@@ -132,8 +135,9 @@ def _scheduler(cfg: TuneConfig):
                          reduction_factor=cfg.reduction_factor)
 
 
-def run_tune(cfg: TuneConfig, address: str | None = None, resume: str | None = None) -> TuneReport:
-    """Run (or with ``resume``, continue) the sweep; write the report; return where it is and the winner."""
+def run_tune(cfg: TuneConfig, address: str | None = None, resume: str | None = None, verbose: bool = False) -> TuneReport:
+    """Run (or with ``resume``, continue) the sweep; write the report; return where it is and the winner.
+    ``verbose``: the trials' own output (engine start-up lines) on the terminal too, not only in Ray's log folder."""
     from ray import tune
 
     from homefire.models.build import resolve_source
@@ -142,7 +146,7 @@ def run_tune(cfg: TuneConfig, address: str | None = None, resume: str | None = N
     src, entry = resolve_source(cfg.model.source)  # a bad source, or a variant it cannot become, fails before Ray
     check_space(cfg, src)
     served_name = entry.name if entry is not None else Path(cfg.model.source).name
-    _ensure_ray(address, cfg)
+    _ensure_ray(address, cfg, log_to_driver=verbose)
     fn = tune.with_resources(trainable, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     variants = [ORIGINAL, *cfg.space.variants()] if cfg.search == "grid" else []
     total = len(variants) or cfg.num_samples + 1

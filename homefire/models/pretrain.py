@@ -58,7 +58,7 @@ def corpus_rows() -> list:
 
 
 def ensure_pretrained(name: str, registry: Registry | None = None, recipe: PretrainRecipe | None = None,
-                      address: str | None = None, model: ModelRecipe | None = None) -> Entry:
+                      address: str | None = None, model: ModelRecipe | None = None, verbose: bool = False) -> Entry:
     """The pretrained version of demo model ``name`` (or of ``model``, another offline shape such as a benchmark's):
     from the registry, or trained now and registered."""
     from homefire.train.config import TrainConfig
@@ -90,7 +90,7 @@ def ensure_pretrained(name: str, registry: Registry | None = None, recipe: Pretr
     prepared.data_hash = hashlib.sha256(corpus_text().encode()).hexdigest()
     print(f"pretraining {name} on pydoc's English text ({prepared.stats['train_examples']} blocks of "
           f"{recipe.max_length} tokens, {recipe.epochs} epoch(s), {recipe.workers} workers) ...", flush=True)
-    report = run_training(cfg, address=address, registry=registry, prepared=prepared)
+    report = run_training(cfg, address=address, registry=registry, prepared=prepared, verbose=verbose)
     if report.artifact is None:
         raise RuntimeError(f"pretraining {name} failed; see {report.run_dir}")
     entry = registry.register(

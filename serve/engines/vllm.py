@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
-from homefire.errors import AdapterNotFound, EngineError, EngineStartTimeout, InvalidRequest
+from homefire.errors import AdapterNotFound, EngineDead, EngineError, EngineStartTimeout, InvalidRequest
 from homefire.serve.config import VLLMModelConfig
 from homefire.serve.engines.protocol import Capabilities, Delta, SamplingSpec, Scores, check_score_request
 from homefire.serve.engines.text import HFTokenizer
@@ -52,6 +52,13 @@ def cpu_dtype(model_path: str) -> str:
         return "bfloat16"
     int8_activations = any((g.get("input_activations") or {}).get("num_bits") == 8 for g in groups)
     return "bfloat16" if int8_activations and torch.cpu._is_amx_tile_supported() else "float32"
+
+
+def _invalid(err: Exception, sampling: SamplingSpec) -> InvalidRequest:
+    """vLLM's refusal of a request as a 400 naming the field (vLLM names it on its validation errors)."""
+    param = getattr(err, "parameter", None) or ("response_format" if sampling.json_schema else None)
+    message = err.args[0] if err.args else str(err)
+    return InvalidRequest(f"{param + ': ' if param and param not in message else ''}{message}", param=param)
 
 
 class VLLMEngine:
@@ -144,16 +151,28 @@ class VLLMEngine:
                     param="model",
                 )
             self._adapters.move_to_end(adapter)
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         try:
             params = self._sampling_params(sampling)
-        except ValueError as err:  # vLLM's own validation (e.g. a JSON schema it cannot compile)
-            raise InvalidRequest(str(err), param="response_format" if sampling.json_schema else None) from err
+        except (ValueError, VLLMClientError) as err:  # vLLM's own checks (n > 1 when greedy, an uncompilable schema)
+            raise _invalid(err, sampling) from None
         finished = False
         try:
             async for out in self._engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id, lora_request=lora):
                 for o in out.outputs:
                     yield Delta(o.index, o.text, len(o.token_ids), o.finish_reason)
             finished = True
+        except VLLMClientError as err:  # refused when the request was added: nothing was generated
+            finished = True
+            raise _invalid(err, sampling) from None
+        except EngineDeadError:
+            finished = True  # nothing left to abort
+            raise EngineDead(
+                f"model '{self.cfg.name}': its vLLM engine stopped; a fresh one is starting. Retry shortly",
+                code="engine_restarting",
+            ) from None
         finally:
             if not finished:
                 await self._engine.abort(request_id)

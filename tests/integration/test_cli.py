@@ -65,32 +65,11 @@ def test_bad_config_is_refused_before_ray_starts_naming_key_and_fix(tmp_path):
     assert time.time() - t0 < 30
 
 
-def test_homefire_serve_with_a_config_then_ctrl_c(tmp_path, tiny_model_path):
-    port = free_port()
-    cfg = tmp_path / "mock.yaml"
-    cfg.write_text(yaml.safe_dump({"models": [
-        {"name": "a", "source": tiny_model_path, "engine": "mock", "cpus": 0.2},
-        {"name": "b", "source": tiny_model_path, "engine": "mock", "cpus": 0.2},
-    ]}))
-    proc = _start([sys.executable, "-m", "homefire.cli", "serve", str(cfg), "--port", str(port)],
-                  env={**os.environ, "HOMEFIRE_API_KEY": "k1,k2"})
-    try:
-        _wait_ready(proc, f"http://127.0.0.1:{port}", {"a", "b"}, key="k1")
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k2", max_retries=0)
-        assert {m.id for m in client.models.list().data} == {"a", "b"}
-        assert client.completions.create(model="b", prompt="x", max_tokens=2).usage.completion_tokens == 2
-        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 401
-    finally:
-        out = _stop(proc)
-    assert proc.returncode == 0, out
-    # "ready in" may not be printed yet: the server polls its status every 2 s, the test polls /ready.
-    assert "deploying a, b" in out and "shutting down" in out
-
-
 def test_homefire_serve_without_arguments_deploys_the_shipped_default_config():
     """`homefire serve` alone is `homefire serve serve/configs/default.yaml`: it starts deploying the demo models, and
     Ctrl-C while their engines start still shuts down cleanly. (That config's engines answering through Ray's
-    `serve run` is the next test; a config's models answering through `homefire serve` is the one above.)"""
+    `serve run` is the next test; a config's models answering through `homefire serve`, started and stopped ten
+    times, is in test_lifecycle.py.)"""
     port = free_port()
     proc = _start([sys.executable, "-m", "homefire.cli", "serve", "--port", str(port)])
     seen = []

@@ -101,3 +101,31 @@ def test_parse_request_names_the_field(body, param):
     with pytest.raises(InvalidRequest) as e:
         parse_request(body, ChatCompletionRequest)
     assert e.value.param == param
+
+
+@pytest.mark.parametrize("interval", [0.0, 0.02])
+def test_a_failure_before_any_output_is_raised_not_streamed_so_the_ingress_can_retry_it(tokenizer, interval):
+    """Nothing was sent yet: the error surfaces as an exception (the ingress retries a retryable one, or answers with
+    its status), not as a 200 stream carrying an error event."""
+    from homefire.errors import EngineError
+
+    for stream in (True, False):
+        gen = _serving(tokenizer, interval, fail_after_tokens=0).chat(_chat(max_tokens=5, stream=stream))
+        with pytest.raises(EngineError, match="mock engine failure"):
+            _run(gen)
+
+
+def test_a_chat_stream_sends_the_role_together_with_the_first_tokens(tokenizer):
+    items = _run(_serving(tokenizer).chat(_chat(max_tokens=3, stream=True)))
+    first = items[1]  # after ACCEPTED: the first item that leaves the replica
+    events = [json.loads(e[6:]) for e in first.split("\n\n") if e.startswith("data: {")]
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant" and events[1]["choices"][0]["delta"]["content"]
+
+
+def test_explicit_null_means_the_default_and_an_empty_prompt_in_a_list_is_refused():
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                "temperature": None, "n": None, "top_p": None, "stream": None})
+    assert (req.temperature, req.n, req.top_p, req.stream) == (1.0, 1, 1.0, False)
+    with pytest.raises(InvalidRequest) as e:
+        parse_request(b'{"model": "m", "prompt": [""]}', CompletionRequest)
+    assert e.value.param == "prompt"
