@@ -308,6 +308,10 @@ class Ingress:
                 await _first_item(gen, max(1.0, deadline - time.monotonic()), "cold start")
                 first = await _first_item(gen, self.cfg.request_timeout_s, "first token" if req.stream else "request")
                 return gen, first
+            except asyncio.CancelledError:  # the client went away: so does its request
+                if gen is not None:
+                    _cancel(gen)
+                raise
             except BaseException as err:
                 if gen is not None:
                     _cancel(gen)
@@ -484,9 +488,16 @@ class Ingress:
 
     # ------------------------------------------------------------------ managed-endpoint containers
     async def _readiness(self) -> tuple[bool, dict]:
+        """Serve's replica states (not Ray's state API, which can stall while an actor is being replaced), answered
+        within HEALTH_CHECK_TIMEOUT_S: a readiness probe that hangs is worse than one that says no."""
         from homefire.serve.status import app_status
 
-        st = await asyncio.to_thread(app_status, serve.get_replica_context().app_name, self.deployments)
+        app = serve.get_replica_context().app_name
+        try:
+            st = await asyncio.wait_for(asyncio.to_thread(app_status, app, self.deployments, pending=False),
+                                        constants.HEALTH_CHECK_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return False, {name: "UNKNOWN (status did not answer in time)" for name in sorted(self.handles)}
         not_ready = {
             d["model"]: d["status"] for d in st["deployments"].values()
             if d["model"] is not None and d["model"] not in self.scale_to_zero and d["running"] == 0

@@ -29,12 +29,13 @@ def _pending_replica_actors(app_name: str) -> dict[str, int]:
     return counts
 
 
-def app_status(app_name: str, deployment_models: dict[str, str] | None = None) -> dict[str, Any]:
+def app_status(app_name: str, deployment_models: dict[str, str] | None = None, pending: bool = True) -> dict[str, Any]:
     """Status of one Serve application, per deployment, with pending replicas called out.
 
     Args:
         app_name: the Serve application name.
         deployment_models: deployment name -> served model name (for friendlier output).
+        pending: ask Ray's state API which replicas wait for resources (slower; readiness skips it).
     """
     import ray
     from ray import serve
@@ -43,7 +44,7 @@ def app_status(app_name: str, deployment_models: dict[str, str] | None = None) -
     app = status.applications.get(app_name)
     if app is None:
         return {"app": app_name, "status": "NOT_RUNNING", "deployments": {}, "message": f"no app named '{app_name}'"}
-    pending = _pending_replica_actors(app_name)
+    pending = _pending_replica_actors(app_name) if pending else {}
     deployments = {}
     for name, dep in app.deployments.items():
         states = {str(getattr(k, "value", k)): v for k, v in (dep.replica_states or {}).items()}

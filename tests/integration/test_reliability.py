@@ -51,6 +51,7 @@ COUNTS = {"homefire": collections.Counter(), "vllm": collections.Counter()}  # a
 SENT: dict[str, set] = {"homefire": set(), "vllm": set()}
 
 
+TOKENS = 500  # per request in the kill tests (the model's whole context)
 ONGOING, QUEUED = 8, 8  # per replica / waiting: small, so overload is cheap to provoke
 RAY_INTERNALS = re.compile(r"ActorDiedError|RayActorError|actor_id|ip=|pid=|namespace|EngineCore|Traceback")
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -60,7 +61,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 def cluster(tiny_model_path):
     c = ServeCluster(num_cpus=6)
     c.deploy({
-        "models": [{"name": MODEL, "source": tiny_model_path, "max_model_len": 256, "health_check_period_s": 1,
+        "models": [{"name": MODEL, "source": tiny_model_path, "max_model_len": 512, "health_check_period_s": 1,
                     "max_ongoing_requests": ONGOING, "max_queued_requests": QUEUED}],
         "server": {"api_keys": [KEY], "max_body_bytes": 65_536, "max_n": MAX_N, "cold_start_timeout_s": 180},
     })
@@ -276,7 +277,8 @@ def _kill_under_load(cluster, victim) -> tuple[list[dict], dict]:
     times: dict = {}
 
     async def scenario():
-        load = asyncio.ensure_future(_burst(cluster.base_url, streams=2, plain=6, max_tokens=200))
+        # Long enough to be generating when the kill comes, even on a fast machine (the tiny model decodes in ms).
+        load = asyncio.ensure_future(_burst(cluster.base_url, streams=2, plain=6, max_tokens=TOKENS))
         async with httpx.AsyncClient(base_url=cluster.base_url, timeout=10, headers=AUTH) as h:
             while 'homefire_ongoing_requests{model="tiny"} 8.0' not in (await h.get("/metrics")).text:
                 await asyncio.sleep(0.1)
@@ -300,11 +302,11 @@ def _check_no_request_lost(results: list[dict]) -> None:
     plain = [r for r in results if not r["stream"]]
     streams = [r for r in results if r["stream"]]
     # Every plain request was answered in full: the ones the dead engine held were sent again.
-    assert [(r["status"], r["tokens"]) for r in plain] == [(200, 200)] * len(plain), [r["text"][:200] for r in plain]
+    assert [(r["status"], r["tokens"]) for r in plain] == [(200, TOKENS)] * len(plain), [r["text"][:200] for r in plain]
     # Streams that had sent tokens cannot be replayed: they end with an error event and [DONE], never a cut connection.
     for r in streams:
         assert r["status"] == 200 and r["done"], r["text"][-300:]
-        if r["tokens"] != 200:
+        if r["tokens"] != TOKENS:
             err = re.search(r'data: (\{"error".*?\})\n', r["text"])
             assert err and not RAY_INTERNALS.search(err[1]), r["text"][-300:]
 
