@@ -45,20 +45,19 @@ class ModelServer:
         logger.info("model %s ready (engine %s, max_model_len %d)", self.cfg.name, self.cfg.engine, self.engine.max_model_len)
 
     async def chat(self, request: ChatCompletionRequest, adapter: str | None = None) -> AsyncIterator[str | dict]:
-        if adapter is not None:
-            await self.ensure_adapter(adapter)
-        try:
-            async for item in self.serving.chat(request, adapter):
-                yield item
-        except EngineDead as err:
-            self._engine_died(err)
-            raise
+        async for item in self._answer(self.serving.chat, request, adapter):
+            yield item
 
     async def completion(self, request: CompletionRequest, adapter: str | None = None) -> AsyncIterator[str | dict]:
+        async for item in self._answer(self.serving.completion, request, adapter):
+            yield item
+
+    async def _answer(self, shape, request, adapter: str | None) -> AsyncIterator[str | dict]:
+        """``shape`` (the serving layer's chat or completion) for ``request``; a dead engine ends this replica."""
         if adapter is not None:
             await self.ensure_adapter(adapter)
         try:
-            async for item in self.serving.completion(request, adapter):
+            async for item in shape(request, adapter):
                 yield item
         except EngineDead as err:
             self._engine_died(err)
