@@ -23,8 +23,9 @@ from homefire.errors import ConfigError
 from homefire.registry import FORMAT_ENGINES, Registry, detect_format
 from homefire.serve.config import AnyModelConfig, AppConfig
 
-#: Streaming chunks leave the model replica at most this often after the first token.
-STREAM_INTERVAL_S = float(os.environ.get("HOMEFIRE_STREAM_INTERVAL_S", "0.05"))
+#: Streaming chunks leave the model replica at most this often after the first token (unset: see stream_interval_s).
+_INTERVAL = os.environ.get("HOMEFIRE_STREAM_INTERVAL_S")
+STREAM_INTERVAL_S: float | None = float(_INTERVAL) if _INTERVAL else None
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
 
@@ -96,19 +97,22 @@ def build_app(args: dict[str, Any] | None = None):
 
     cfg = load_app_config(args)
     registry = Registry(cfg.registry) if cfg.registry else Registry()
-    handles, deployments, optional = {}, {}, []
-    for m in cfg.models:
-        path, base_ref = resolve_model(m, registry)
-        dep = serve.deployment(ModelServer).options(**_model_options(m, cfg.server.drain_timeout_s))
-        handles[m.name] = dep.bind(m.model_dump(mode="json"), path, STREAM_INTERVAL_S, registry.uri, base_ref)
-        deployments[deployment_name(m)] = m.name
-        if m.autoscaling is not None and m.autoscaling.min_replicas == 0:
-            optional.append(m.name)  # scaled to zero by design: readiness does not wait for it
     server = cfg.server.model_dump(mode="json")
     # Keys live in the environment of whoever builds the app; hand them to the ingress without writing them to disk.
     server["api_keys"] = [k.get_secret_value() for k in cfg.server.api_keys]
     if cfg.server.api_key_env and os.environ.get(cfg.server.api_key_env):
         server["api_keys"] += [k.strip() for k in os.environ[cfg.server.api_key_env].split(",") if k.strip()]
+    if cfg.ingress_with_model():
+        return _ingress_with_model(cfg, server, registry)
+    handles, deployments, optional = {}, {}, []
+    for m in cfg.models:
+        path, base_ref = resolve_model(m, registry)
+        dep = serve.deployment(ModelServer).options(**_model_options(m, cfg.server.drain_timeout_s))
+        handles[m.name] = dep.bind(m.model_dump(mode="json"), path, stream_interval_s(one_hop=False), registry.uri,
+                                   base_ref)
+        deployments[deployment_name(m)] = m.name
+        if m.autoscaling is not None and m.autoscaling.min_replicas == 0:
+            optional.append(m.name)  # scaled to zero by design: readiness does not wait for it
     ingress = serve.deployment(Ingress).options(
         name="ingress",
         num_replicas=cfg.server.ingress_replicas,
@@ -117,6 +121,37 @@ def build_app(args: dict[str, Any] | None = None):
         graceful_shutdown_timeout_s=cfg.server.drain_timeout_s,
     )
     return ingress.bind(server, handles, deployments, int(time.time()), optional)
+
+
+def _ingress_with_model(cfg: AppConfig, server: dict[str, Any], registry: Registry):
+    """One deployment that is both the ingress and the model's replica (``server.ingress: with_model``): it has
+    the model's placement, replicas and health check, and bounds admission itself."""
+    from ray import serve
+
+    from homefire.serve.ingress import Ingress
+
+    m = cfg.models[0]
+    path, base_ref = resolve_model(m, registry)
+    opts = _model_options(m, cfg.server.drain_timeout_s)
+    del opts["max_queued_requests"]
+    # Named as the model's deployment (status, readiness and `homefire status` show the model); admission is the
+    # ingress's own (LocalHandle), so Serve's router never holds a request back.
+    opts["max_ongoing_requests"] = 10_000
+    local = {
+        "model": m.model_dump(mode="json"), "model_path": path, "stream_interval_s": stream_interval_s(one_hop=True),
+        "registry_root": registry.uri, "base_ref": base_ref,
+        "max_requests": m.max_ongoing_requests + (m.max_queued_requests or m.max_ongoing_requests),
+    }
+    return serve.deployment(Ingress).options(**opts).bind(server, {}, {opts["name"]: m.name}, int(time.time()), (), local)
+
+
+def stream_interval_s(one_hop: bool) -> float:
+    """How long streamed chunks are batched in the model replica. Across a Ray hop each item costs CPU on both sides,
+    so they leave every 50 ms (the first at once); with no hop they leave as the engine makes them, as from a bare
+    engine. ``HOMEFIRE_STREAM_INTERVAL_S`` sets both."""
+    if STREAM_INTERVAL_S is not None:
+        return STREAM_INTERVAL_S
+    return 0.0 if one_hop else 0.05
 
 
 def load_app_config(args: dict[str, Any] | None) -> AppConfig:
@@ -155,4 +190,4 @@ def serve_http_options(path: str | Path | None) -> dict[str, Any]:
     return {}
 
 
-__all__ = ["DEFAULT_CONFIG", "STREAM_INTERVAL_S", "build_app", "constants", "load_app_config"]
+__all__ = ["DEFAULT_CONFIG", "STREAM_INTERVAL_S", "build_app", "constants", "load_app_config", "stream_interval_s"]

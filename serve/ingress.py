@@ -40,6 +40,7 @@ from homefire.errors import (
     ServiceUnavailable,
 )
 from homefire.serve.config import ServerConfig
+from homefire.serve.local import LocalHandle
 from homefire.serve.metrics import ServeMetrics
 from homefire.serve.openapi import document
 from homefire.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -208,12 +209,23 @@ def _cancel(gen) -> None:
 class Ingress:
     """Routes each request to the deployment of the model it names."""
 
-    def __init__(
+    async def __init__(
         self, server: dict[str, Any], models: dict[str, Any], deployments: dict[str, str], created: int,
-        scale_to_zero: list[str] = (),
+        scale_to_zero: list[str] = (), local: dict[str, Any] | None = None,
     ):
+        """``models``: served name -> the DeploymentHandle of its model deployment. ``local``: instead, the
+        arguments of one :class:`~homefire.serve.server.ModelServer` that runs in this replica (one hop: see
+        :mod:`homefire.serve.local`) and ``max_requests``, its admission bound."""
         self.cfg = ServerConfig.model_validate(server)
-        self.handles = models  # served name -> DeploymentHandle
+        self.handles = models  # served name -> DeploymentHandle (or LocalHandle)
+        self.local: LocalHandle | None = None
+        if local is not None:
+            from homefire.serve.server import ModelServer
+
+            limit = local.pop("max_requests")
+            model = await ModelServer.create(**local, restart_in_place=True)
+            self.local = LocalHandle(model, limit)
+            self.handles = {model.cfg.name: self.local}
         self.deployments = deployments  # deployment name -> served name
         self.created = created
         self.scale_to_zero = set(scale_to_zero)
@@ -474,6 +486,15 @@ class Ingress:
         """Inference requests accepted and not yet answered in full (streams included)."""
         return sum(self._ongoing.values())
 
+    # ------------------------------------------------------------------ a model in this replica (called by Serve)
+    async def check_health(self) -> None:
+        if self.local is not None:
+            await self.local.server.check_health()
+
+    async def __del__(self):
+        if self.local is not None:
+            await self.local.server.__del__()
+
     @app.get("/v1/status")
     async def status(self, request: Request) -> dict:
         from homefire.serve.status import app_status
@@ -502,6 +523,8 @@ class Ingress:
             d["model"]: d["status"] for d in st["deployments"].values()
             if d["model"] is not None and d["model"] not in self.scale_to_zero and d["running"] == 0
         }
+        if self.local is not None and self.local.restarting:
+            not_ready[self.local.server.cfg.name] = "RESTARTING_ENGINE"
         return not not_ready, not_ready
 
     async def _invoke(self, request: Request, route: str) -> Response:

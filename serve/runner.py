@@ -196,10 +196,9 @@ def drain(app: str, timeout_s: float) -> int:
     from ray import serve
 
     status = serve.status().applications.get(app)
-    ingress = status.deployments.get("ingress") if status is not None else None
-    if ingress is None or not (ingress.replica_states or {}).get("RUNNING"):
+    if status is None or not any((d.replica_states or {}).get("RUNNING") for d in status.deployments.values()):
         return 0  # nothing was served yet
-    handle = serve.get_deployment_handle("ingress", app_name=app)
+    handle = serve.get_app_handle(app)  # the ingress (a separate deployment, or the model's own with_model)
     left = handle.drain.remote().result(timeout_s=10)
     if left:
         _say(f"draining: waiting up to {timeout_s:.0f}s for {left} request(s) in flight ...")

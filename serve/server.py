@@ -29,35 +29,61 @@ class ModelServer:
 
     async def __init__(
         self, model: dict[str, Any], model_path: str, stream_interval_s: float = 0.0,
-        registry_root: str | None = None, base_ref: str | None = None,
+        registry_root: str | None = None, base_ref: str | None = None, restart_in_place: bool = False,
     ):
+        """``restart_in_place``: a dead engine is replaced inside this replica (requests wait for it) instead of
+        the replica exiting; for a replica that also serves HTTP (:mod:`homefire.serve.local`), whose exit would drop
+        every connection it holds."""
         self.cfg = model_config(model)
         self.model_path = model_path
         self.base_ref = base_ref or model_path
         self.registry = Registry(registry_root) if registry_root else Registry()
         self._adapter_lock = asyncio.Lock()
         self._adapter_checked: dict[str, float] = {}  # adapter -> when its registry version was last checked
-        self.engine = engine_class(self.cfg.engine)(self.cfg, model_path)
-        await self.engine.start(constants.ENGINE_START_TIMEOUT_S)
-        self.serving = OpenAIServing(self.cfg.name, self.engine, stream_interval_s)
+        self._stream_interval_s = stream_interval_s
+        self._restart_in_place = restart_in_place
+        self._ready = asyncio.Event()
         self._stopping = False
+        self.restarts = 0
+        await self._start_engine()
+
+    @classmethod
+    async def create(cls, *args: Any, **kwargs: Any) -> ModelServer:
+        """Build one outside Serve (``__init__`` is async, as Serve allows)."""
+        self = cls.__new__(cls)
+        await self.__init__(*args, **kwargs)
+        return self
+
+    async def _start_engine(self) -> None:
+        self.engine = engine_class(self.cfg.engine)(self.cfg, self.model_path)
+        await self.engine.start(constants.ENGINE_START_TIMEOUT_S)
+        self.serving = OpenAIServing(self.cfg.name, self.engine, self._stream_interval_s)
+        self._adapter_checked.clear()  # a new engine holds no adapters: the next request for one loads it
         self._watchdog = asyncio.create_task(self._watch_engine())
+        self._ready.set()
         logger.info("model %s ready (engine %s, max_model_len %d)", self.cfg.name, self.cfg.engine, self.engine.max_model_len)
 
+    @property
+    def restarting(self) -> bool:
+        return not self._ready.is_set()
+
     async def chat(self, request: ChatCompletionRequest, adapter: str | None = None) -> AsyncIterator[str | dict]:
-        async for item in self._answer(self.serving.chat, request, adapter):
+        async for item in self._answer("chat", request, adapter):
             yield item
 
     async def completion(self, request: CompletionRequest, adapter: str | None = None) -> AsyncIterator[str | dict]:
-        async for item in self._answer(self.serving.completion, request, adapter):
+        async for item in self._answer("completion", request, adapter):
             yield item
 
     async def _answer(self, shape, request, adapter: str | None) -> AsyncIterator[str | dict]:
-        """``shape`` (the serving layer's chat or completion) for ``request``; a dead engine ends this replica."""
+        """The serving layer's ``shape`` ("chat" or "completion") for ``request``; a dead engine ends this replica or
+        is replaced in it. While it is being replaced, requests wait (the ingress bounds the wait)."""
+        if not self._ready.is_set():
+            await self._ready.wait()
         if adapter is not None:
             await self.ensure_adapter(adapter)
         try:
-            async for item in shape(request, adapter):
+            async for item in getattr(self.serving, shape)(request, adapter):
                 yield item
         except EngineDead as err:
             self._engine_died(err)
@@ -77,12 +103,41 @@ class ModelServer:
                 return
 
     def _engine_died(self, err: BaseException) -> None:
-        """A replica whose engine died is worth nothing: leave at once, so the router stops choosing it (the
-        requests it held are retried by the ingress) and Serve starts a fresh replica in its place."""
-        if self._stopping:
+        """A replica whose engine died is worth nothing as it is. Behind a separate ingress it leaves at once, so
+        the router stops choosing it (the requests it held are retried by the ingress) and Serve starts a fresh
+        replica in its place. A replica that serves HTTP itself starts a new engine in place instead: no connection
+        is dropped, the requests that got no output yet wait for the new engine, and the replica's own start (a
+        process importing Ray, torch and vLLM) is saved."""
+        if self._stopping or not self._ready.is_set():
             return
-        self._stopping = True
-        logger.error("model %s: the engine died (%s); this replica exits so Serve replaces it", self.cfg.name, err)
+        if not self._restart_in_place:
+            self._stopping = True
+            logger.error("model %s: the engine died (%s); this replica exits so Serve replaces it", self.cfg.name, err)
+            self._exit()
+            return
+        self._ready.clear()
+        self.restarts += 1
+        logger.error("model %s: the engine died (%s); starting a new one in this replica", self.cfg.name, err)
+        self._restart = asyncio.create_task(self._restart_engine())
+
+    async def _restart_engine(self) -> None:
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self.engine.shutdown(), constants.HEALTH_CHECK_TIMEOUT_S)
+        except Exception as err:  # a dead engine may not shut down cleanly; its processes die with their parent
+            logger.warning("model %s: the dead engine did not shut down cleanly: %s", self.cfg.name, err)
+        try:
+            await self._start_engine()
+        except Exception:
+            logger.exception("model %s: the new engine did not start; this replica exits so Serve replaces it",
+                             self.cfg.name)
+            self._stopping = True
+            self._exit()
+            return
+        logger.warning("model %s: new engine serving %.1fs after the old one died", self.cfg.name,
+                       time.monotonic() - started)
+
+    def _exit(self) -> None:
         # A moment for the answers already failing (EngineDead, retried by the ingress) to leave this process.
         asyncio.get_running_loop().call_later(0.2, os._exit, 1)
 
@@ -176,8 +231,10 @@ class ModelServer:
         await self.engine.unload_adapter(name)
 
     async def check_health(self) -> None:
-        """Called by Serve's controller; raising marks the replica unhealthy and replaces it."""
-        await self.engine.check_health()
+        """Called by Serve's controller; raising marks the replica unhealthy and replaces it. An engine being
+        replaced in place is not unhealthy: the restart ends the replica itself if it fails."""
+        if self._ready.is_set():
+            await self.engine.check_health()
 
     async def __del__(self):
         self._stopping = True

@@ -244,6 +244,8 @@ class VLLMEngine:
         return {"unfinished_requests": self._engine.get_num_unfinished_requests()}
 
     async def shutdown(self) -> None:
-        if self._engine is not None:
-            self._engine.shutdown()
-            self._engine = None
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            # It joins the engine's processes: off the event loop, which keeps serving (a replica replacing a dead
+            # engine in place answers /ready and queues requests meanwhile).
+            await asyncio.to_thread(engine.shutdown)

@@ -5,8 +5,10 @@
   OpenAI error body, and against homefire's schema the answer is what it documents. Derandomized: CI sends the same
   requests every run.
 - Overload: bounded admission, the excess refused at once with 503 + Retry-After.
-- A killed engine and a killed replica: no plain request lost (retried), readiness drops and comes back, errors carry
-  no Ray internals, no engine process left behind.
+- A killed engine (the API runs in the model's replica, the default for one model): replaced inside the replica, no
+  plain request lost (they wait for the new engine), readiness drops and comes back.
+- A killed model replica behind a separate ingress (`server.ingress: separate`): no plain request lost (retried),
+  errors carry no Ray internals, no engine process left behind.
 """
 
 from __future__ import annotations
@@ -57,14 +59,19 @@ RAY_INTERNALS = re.compile(r"ActorDiedError|RayActorError|actor_id|ip=|pid=|name
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
+def _app(model_path: str, **server) -> dict:
+    return {
+        "models": [{"name": MODEL, "source": model_path, "max_model_len": 512, "health_check_period_s": 1,
+                    "max_ongoing_requests": ONGOING, "max_queued_requests": QUEUED}],
+        "server": {"api_keys": [KEY], "max_body_bytes": 65_536, "max_n": MAX_N, "cold_start_timeout_s": 180, **server},
+    }
+
+
 @pytest.fixture(scope="module")
 def cluster(tiny_model_path):
     c = ServeCluster(num_cpus=6)
-    c.deploy({
-        "models": [{"name": MODEL, "source": tiny_model_path, "max_model_len": 512, "health_check_period_s": 1,
-                    "max_ongoing_requests": ONGOING, "max_queued_requests": QUEUED}],
-        "server": {"api_keys": [KEY], "max_body_bytes": 65_536, "max_n": MAX_N, "cold_start_timeout_s": 180},
-    })
+    c.deploy(_app(tiny_model_path))
+    c.model_path = tiny_model_path
     yield c
     c.close()
     for name, counts in COUNTS.items():
@@ -255,6 +262,7 @@ def test_overload_admits_what_it_can_and_refuses_the_rest_at_once_with_retry_aft
 
 
 def _replica_pid() -> int:
+    """The model's replica (which, in the default layout for one model, also serves the API)."""
     import ray
     from ray.util.state import list_actors
 
@@ -311,19 +319,22 @@ def _check_no_request_lost(results: list[dict]) -> None:
             assert err and not RAY_INTERNALS.search(err[1]), r["text"][-300:]
 
 
-def test_a_killed_engine_loses_no_plain_request_and_readiness_drops_until_a_new_replica_serves(cluster):
-    old_replica = _replica_pid()
-    results, times = _kill_under_load(cluster, lambda: _engine_core(old_replica).pid)
+def test_a_killed_engine_is_replaced_in_its_replica_and_loses_no_plain_request(cluster):
+    replica = _replica_pid()
+    old_engine = _engine_core(replica)
+    results, times = _kill_under_load(cluster, lambda: old_engine.pid)
     _check_no_request_lost(results)
     assert times["unready_s"] < 30 and times["ready_again_s"] < 240, times
-    assert _replica_pid() != old_replica and not psutil.pid_exists(old_replica)
+    # The same replica (and so the same API listener) serves on with a new engine; the old one left nothing behind.
+    assert _replica_pid() == replica and _engine_core(replica).pid != old_engine.pid
     retries = httpx.get(cluster.base_url + "/metrics", headers=AUTH).text
     assert re.search(r'homefire_retries_total\{model="tiny"\} ([1-9]\d*)', retries), retries
     print(f"\nengine killed: readiness dropped after {times['unready_s']:.1f}s, back after {times['ready_again_s']:.1f}s, "
           f"all 8 answered after {times['all_answered_s']:.1f}s")
 
 
-def test_a_killed_replica_loses_no_plain_request_and_leaves_no_engine_behind(cluster):
+def test_a_killed_replica_behind_a_separate_ingress_loses_no_plain_request_and_leaves_no_engine_behind(cluster):
+    cluster.deploy(_app(cluster.model_path, ingress="separate"))
     old_replica = _replica_pid()
     old_engine = _engine_core(old_replica)
     results, times = _kill_under_load(cluster, lambda: old_replica)

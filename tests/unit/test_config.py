@@ -129,3 +129,29 @@ def test_engine_args_cannot_undo_homefire_settings():
 def test_gpu_providers_need_gpus():
     msg = _err({"models": [{"name": "a", "source": "d", "engine": "onnx", "provider": "tensorrt"}]})
     assert "provider 'tensorrt' runs on an NVIDIA GPU" in msg and "gpus: 1" in msg
+
+
+def _app(models, **server):
+    return validate_config(AppConfig, {"models": models, "server": server}, "t")
+
+
+def test_one_model_on_one_replica_is_served_with_its_ingress_and_anything_else_separately():
+    one = {"name": "a", "source": "demo"}
+    assert _app([one]).ingress_with_model()
+    assert not _app([one, {"name": "b", "source": "demo"}]).ingress_with_model()
+    assert not _app([{**one, "replicas": 2}], proxy="serve").ingress_with_model()
+    assert not _app([{**one, "autoscaling": {"min_replicas": 0, "max_replicas": 1}}]).ingress_with_model()
+    assert not _app([one], ingress="separate").ingress_with_model()
+    assert _app([{**one, "replicas": 3}], proxy="serve", ingress="with_model").ingress_with_model()
+
+
+@pytest.mark.parametrize("models, server, expected", [
+    ([{"name": "a", "source": "d"}, {"name": "b", "source": "d"}], {}, "2 models are configured"),
+    ([{"name": "a", "source": "d", "replicas": 2}], {}, "fix: set server.proxy: serve"),
+    ([{"name": "a", "source": "d", "autoscaling": {"min_replicas": 0, "max_replicas": 2}}], {"proxy": "serve"},
+     "cannot scale model 'a' to zero"),
+])
+def test_ingress_with_model_that_cannot_work_names_the_key_and_the_fix(models, server, expected):
+    with pytest.raises(ConfigError) as err:
+        _app(models, ingress="with_model", **server)
+    assert "server.ingress" in str(err.value) and expected in str(err.value)
