@@ -1,13 +1,20 @@
-"""Serving benchmark: homefire vs bare vLLM vs a naive transformers server, side by side in one run.
+"""Serving benchmark: homefire vs Ray Serve's own CLI vs bare vLLM vs a naive transformers server, in one run.
 
-    python benchmarks/serve_bench.py                     # full: concurrency 1, 8, 32, 64; 64 prompts (~15-25 min)
-    python benchmarks/serve_bench.py --quick             # smoke check: concurrency 1, 8; 16 prompts
+    python benchmarks/serve_bench.py                     # full: concurrency 1, 8, 32, 64; 64 prompts; 3 repeats
+                                                         #   (~50-80 min on a small box)
+    python benchmarks/serve_bench.py --quick             # smoke check: concurrency 1, 8; 16 prompts; 1 repeat
     python benchmarks/serve_bench.py --servers homefire,vllm --homefire-env HOMEFIRE_STREAM_INTERVAL_S=0.05 \\
         --label interval-50ms                            # compare a homefire variant against bare vLLM
+    python benchmarks/serve_bench.py --servers serve-run,vllm --concurrency 1,8 --num-prompts 8 --repeats 2 \\
+        --ttft-probes 5 --label smoke                    # a few minutes: does the whole pipeline work?
 
 One server runs at a time (a small box has no cores to spare), through every concurrency, then the next:
 
 * ``homefire``: ``homefire serve CONFIG --port P`` on the offline demo model (vLLM engine, its CPU defaults);
+* ``serve-run``: Ray Serve's own CLI, ``serve run SERVE_CONFIG`` (``python -m ray.serve.scripts run --address
+  local``: its own local Ray), a Serve config whose one application is ``homefire.serve:build_app`` with the same
+  model entry as ``homefire``; so the same app and engine, without what ``homefire serve`` adds around Serve (its
+  ``proxy: direct`` front, its Ray resources): requests go through Serve's own HTTP proxy;
 * ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` on the same model with the same engine arguments
   (float32, eager, ``--gpu-memory-utilization 0.3``, ``--max-model-len 1024``, ``VLLM_CPU_KVCACHE_SPACE=1``);
 * ``naive``: ``benchmarks/naive_server.py``, FastAPI + one transformers ``generate`` per request, SSE streaming.
@@ -15,34 +22,58 @@ One server runs at a time (a small box has no cores to spare), through every con
 The client is vLLM's own serving benchmark (``vllm.benchmarks.serve``, run in a subprocess per measurement; the
 ``vllm bench`` CLI does not work in vllm-cpu): random dataset, N prompts of 64 tokens in / 64 out (``ignore_eos``),
 greedy, all requests issued at once and capped by ``--max-concurrency``. It reports output tok/s, TTFT, TPOT, ITL
-and goodput (requests/s meeting the TTFT and TPOT SLOs).
+and goodput (requests/s meeting the TTFT and TPOT SLOs). Each (server, concurrency) point is measured
+``--repeats`` times in a row (default 3); the table, the plot and the targets use the median of the runs and show
+their spread (``925 ±4%``: the run farthest from the median is 4% away from it; ``[903-941]``: min-max).
 
-Writes ``OUT/serve_bench[-LABEL].json`` (summary, machine, versions, targets) and ``.png`` (2x2: output tok/s,
-p50 TTFT, p50 TPOT, goodput vs concurrency), each client result under ``OUT/raw/`` and each server's log under
-``OUT/logs/``. A run of fewer than all three servers adds their names to the file names (``serve_bench-vllm-naive``),
-so it never overwrites a side-by-side result. Prints a table and the three targets with pass / fail:
+Per server, besides the sweep:
+
+* a direct TTFT probe after the sweep: ``--ttft-probes`` (default 33) sequential streamed ``/v1/completions``
+  requests (a ~64-token prompt, 16 tokens out, greedy) over plain ``http.client`` on loopback, each timed from
+  sending to the first ``data:`` event that carries text; p50 and p90 (ms). One request at a time, no client-side
+  event loop or tokenizer in the way: the overhead a stack adds to the first token, as directly as it can be seen;
+* peak memory: the summed RSS of the server's process tree (the started process and its children, recursively;
+  plus any process carrying this run's marker outside that tree), sampled every 0.5 s from start to stop. RSS counts
+  memory shared between processes once per process, so a multi-process stack (Ray) reads higher than it uses.
+
+Writes ``OUT/serve_bench[-LABEL].json`` (every run, the per-metric summary, ratios, probe, memory, machine,
+versions, targets) and ``.png`` (2x2: output tok/s, p50 TTFT, p50 TPOT, goodput vs concurrency; medians with min-max
+error bars), each client result under ``OUT/raw/`` and each server's log under ``OUT/logs/``. A run of fewer than
+all four servers adds their names to the file names (``serve_bench-vllm-naive``), so it never overwrites a
+side-by-side result. Prints a table (with each server's output tok/s over bare vLLM's at every concurrency), the
+probe and memory per server, and the four targets with pass / fail:
 
 * homefire / bare vLLM output tok/s at 32 streams >= 0.95;
+* serve run / bare vLLM output tok/s at 32 streams >= 0.95;
 * homefire / naive output tok/s at 32 streams >= 10;
-* p50 TTFT of homefire at most 5 ms above bare vLLM's at 1 stream (where queueing does not hide the overhead a
-  stack adds; the deltas at every concurrency are in the JSON).
+* homefire's p50 TTFT at most 5 ms above bare vLLM's, from the direct probe (the client-reported p50 TTFT deltas
+  at every concurrency are in the JSON too; without a probe, ``--ttft-probes 0``, the client's at 1 stream).
 
 Where 32 streams were not measured (``--quick``), the ratios use the highest concurrency measured and say so.
 Every process a server starts carries a marker in its environment; at the end anything still carrying it is
 killed by pid, so a benchmark never leaves a Ray, engine or server behind (and never touches anyone else's).
+
+JSON layout, per server: ``results[CONC]`` holds the median of every metric under the client's own key names (as
+a single run did before), plus ``min`` and ``max`` (per metric), ``completed_total`` / ``failed_total`` and
+``runs`` (each run's metrics); ``ttft_probe`` and ``memory`` hold the probe and the peak RSS. At the top level,
+``ratios`` holds output tok/s over bare vLLM's per server and concurrency (median and range) and the probe's p50
+TTFT minus bare vLLM's; ``targets`` the verdicts.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -52,7 +83,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-SERVERS = ("homefire", "vllm", "naive")
+#: Every server this benchmark knows, in run order.
+SERVERS = ("homefire", "serve-run", "vllm", "naive")
+#: The same colour per server in every plot, also for plots made before serve-run existed.
+SERVER_COLORS = {"homefire": "C0", "vllm": "C1", "naive": "C2", "serve-run": "C3"}
+#: What every other server's output tok/s is divided by.
+REFERENCE_SERVER = "vllm"
 #: Longest wait for a server to answer /v1/models with the demo model.
 SERVER_START_TIMEOUT_S = 300.0
 #: Longest wait for a server to exit after SIGINT before its process group is terminated.
@@ -66,6 +102,14 @@ SERVED_NAME = "demo"
 VLLM_ARGS = ["--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.3", "--max-model-len", "1024"]
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 MARKER_ENV = "HOMEFIRE_SERVE_BENCH_RUN"
+#: How often the memory sampler sums the RSS of a server's processes.
+MEMORY_SAMPLE_INTERVAL_S = 0.5
+#: The direct TTFT probe: prompt length (tokens of the model's tokenizer), tokens out, longest one request may take.
+PROBE_PROMPT_TOKENS = 64
+PROBE_MAX_TOKENS = 16
+PROBE_TIMEOUT_S = 60.0
+PROBE_TEXT = ("The quick brown fox jumps over the lazy dog while the patient baker folds warm bread on a wooden "
+              "table near the open window. ")
 
 _CLIENT = (
     "import sys\n"
@@ -81,6 +125,8 @@ METRICS = [
     "mean_ttft_ms", "p50_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p50_tpot_ms", "p99_tpot_ms",
     "mean_itl_ms", "p50_itl_ms", "p99_itl_ms", "mean_e2el_ms", "p50_e2el_ms", "p99_e2el_ms",
 ]
+#: Summarised over the repeats of one point (median, min, max): the client's metrics and the load before each run.
+SUMMARY_KEYS = [*METRICS, "load_avg_1m_before"]
 
 
 def log(msg: str) -> None:
@@ -98,6 +144,7 @@ class Server:
     port: int = 0
     proc: subprocess.Popen | None = None
     startup_s: float | None = None
+    memory: MemorySampler | None = None
 
     @property
     def base_url(self) -> str:
@@ -127,6 +174,23 @@ def _tail(path: Path, n: int = 30) -> str:
         return ""
 
 
+def serve_run_config(model_path: str, port: int) -> str:
+    """A Ray Serve config (``serve run`` / ``serve deploy``) with homefire's app on the demo model, on ``port``: the
+    same model entry as the ``homefire`` server's config."""
+    return (
+        "# serve_bench.py: homefire's app under Ray Serve's own CLI (serve run), same model entry as `homefire`\n"
+        "proxy_location: EveryNode\n"
+        f"http_options: {{host: 127.0.0.1, port: {port}}}\n"
+        "applications:\n"
+        "  - name: homefire\n"
+        "    route_prefix: /\n"
+        "    import_path: homefire.serve:build_app\n"
+        "    args:\n"
+        f"      models: [{{name: {SERVED_NAME}, source: {json.dumps(model_path)}, engine: vllm, cpus: 1, "
+        "max_model_len: 1024, max_loras: 0}]\n"
+    )
+
+
 def build_servers(names: list[str], model_path: str, workdir: Path, homefire_env: dict[str, str]) -> list[Server]:
     """The servers to measure, in run order, each on its own free port."""
     servers = []
@@ -141,6 +205,12 @@ def build_servers(names: list[str], model_path: str, workdir: Path, homefire_env
             )
             cmd = [sys.executable, "-m", "homefire.cli", "serve", str(cfg), "--port", str(port)]
             servers.append(Server(name, cmd, dict(homefire_env), ["/ready", "/v1/models"], port))
+        elif name == "serve-run":
+            cfg = workdir / "serve-run.yaml"
+            cfg.write_text(serve_run_config(model_path, port))
+            # `--address local`: always a Ray of its own, never one that `ray start` left running on this machine.
+            cmd = [sys.executable, "-m", "ray.serve.scripts", "run", "--address", "local", str(cfg)]
+            servers.append(Server(name, cmd, {}, ["/v1/models"], port))
         elif name == "vllm":
             cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
                    "--served-model-name", SERVED_NAME, *VLLM_ARGS, "--host", "127.0.0.1", "--port", str(port),
@@ -154,12 +224,15 @@ def build_servers(names: list[str], model_path: str, workdir: Path, homefire_env
 
 
 def start_server(srv: Server, log_path: Path, marker: str, timeout_s: float) -> None:
-    """Start ``srv`` in its own process group and wait (bounded) until it serves the demo model."""
+    """Start ``srv`` in its own process group (its memory sampled from now until :func:`stop_server`) and wait
+    (bounded) until it serves the demo model."""
     env = {**os.environ, **VLLM_ENV, **srv.env, MARKER_ENV: marker}
     t0 = time.monotonic()
     with open(log_path, "wb") as fh:
         srv.proc = subprocess.Popen(srv.cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
+    srv.memory = MemorySampler(srv.proc.pid, marker)
+    srv.memory.start()
     while True:
         if srv.proc.poll() is not None:
             raise RuntimeError(f"{srv.name} exited with code {srv.proc.returncode} while starting; "
@@ -185,7 +258,8 @@ def check_alive(srv: Server, log_path: Path) -> None:
 
 
 def stop_server(srv: Server, marker: str) -> None:
-    """SIGINT the server (a graceful shutdown), then its process group, then anything left with the marker."""
+    """SIGINT the server (a graceful shutdown), then its process group, then anything left with the marker; then
+    stop its memory sampler (so the peak covers the shutdown too)."""
     proc = srv.proc
     if proc is not None and proc.poll() is None:
         proc.send_signal(signal.SIGINT)
@@ -204,6 +278,8 @@ def stop_server(srv: Server, marker: str) -> None:
             except subprocess.TimeoutExpired:
                 pass
     kill_marked(marker)
+    if srv.memory is not None:
+        srv.memory.stop()
 
 
 def _marked_pids(marker: str) -> list[int]:
@@ -245,6 +321,80 @@ def kill_marked(marker: str) -> None:
             time.sleep(0.5)
 
 
+class MemorySampler:
+    """Samples, in a background thread, the summed RSS of a server's processes: the started process and its
+    children (recursively; Ray's processes are children of whoever starts Ray, its workers children of the raylet),
+    plus any process carrying the run's marker outside that tree (re-parented, or started by a daemon). Keeps the
+    peak, and how many marked processes were ever found outside the tree (0: the tree alone covers the server)."""
+
+    def __init__(self, pid: int, marker: str, interval_s: float = MEMORY_SAMPLE_INTERVAL_S) -> None:
+        self.pid, self.marker, self.interval_s = pid, marker, interval_s
+        self.peak_rss_bytes = 0
+        self.peak_processes = 0
+        self.samples = 0
+        self.outside_tree_max = 0
+        self.outside_tree_names: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="serve-bench-memory", daemon=True)
+        self._t0 = time.monotonic()
+        self.duration_s = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10.0)
+        self.duration_s = time.monotonic() - self._t0
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sample()
+            except Exception as err:  # a sampler must never take the benchmark down
+                log(f"memory sampler: {type(err).__name__}: {err}")
+            self._stop.wait(self.interval_s)
+
+    def sample(self) -> int:
+        """One sample: the summed RSS (bytes) of the tree and the marked processes right now."""
+        import psutil
+
+        procs: dict[int, psutil.Process] = {}
+        try:
+            root = psutil.Process(self.pid)
+            for proc in [root, *root.children(recursive=True)]:
+                procs[proc.pid] = proc
+        except psutil.Error:  # exited (it is sampled until it is stopped)
+            pass
+        outside = [pid for pid in _marked_pids(self.marker) if pid not in procs]
+        self.outside_tree_max = max(self.outside_tree_max, len(outside))
+        self.outside_tree_names.update(_comm(pid) for pid in outside)
+        for pid in outside:
+            try:
+                procs[pid] = psutil.Process(pid)
+            except psutil.Error:
+                pass
+        total, counted = 0, 0
+        for proc in procs.values():
+            try:
+                total += proc.memory_info().rss
+                counted += 1
+            except psutil.Error:  # gone between listing and reading, or a zombie
+                continue
+        self.samples += 1
+        if total > self.peak_rss_bytes:
+            self.peak_rss_bytes = total
+        self.peak_processes = max(self.peak_processes, counted)
+        return total
+
+    def result(self) -> dict[str, Any]:
+        return {"peak_rss_mib": round(self.peak_rss_bytes / 2**20, 1), "peak_processes": self.peak_processes,
+                "samples": self.samples, "interval_s": self.interval_s, "sampled_s": round(self.duration_s, 1),
+                "marked_outside_tree_max": self.outside_tree_max,
+                "marked_outside_tree_names": sorted(self.outside_tree_names)}
+
+
 def preflight(srv: Server) -> None:
     """One streaming request shaped like the client's, so an incompatible server fails here with its answer."""
     payload = {"model": SERVED_NAME, "prompt": "The quick brown fox", "max_tokens": 4, "temperature": 0.0,
@@ -263,10 +413,120 @@ def preflight(srv: Server) -> None:
                            f"{body[:1000]}")
 
 
+def probe_prompt(model_path: str, tokens: int = PROBE_PROMPT_TOKENS) -> tuple[str, int | None]:
+    """(prompt, its length in tokens): :data:`PROBE_TEXT` repeated and cut at ``tokens`` tokens of the model's own
+    tokenizer; (about 3 characters a token, None) when the tokenizer cannot be loaded."""
+    text = PROBE_TEXT * (tokens // 8 + 1)
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_path)
+        ids = tok(text, add_special_tokens=False)["input_ids"][:tokens]
+        prompt = tok.decode(ids)
+        return prompt, len(tok(prompt, add_special_tokens=False)["input_ids"])
+    except Exception as err:  # noqa: BLE001 - any failure: fall back to a length in characters
+        log(f"probe prompt: tokenizer unavailable ({type(err).__name__}: {err}); using {tokens * 3} characters")
+        return text[: tokens * 3], None
+
+
+def sse_text(line: bytes) -> str | None:
+    """The text an OpenAI completions stream line carries: None for anything but a ``data:`` event with a choice
+    (comments, blank lines, ``[DONE]``, a usage-only or error event), else ``choices[0].text`` (may be "")."""
+    if not line.startswith(b"data:"):
+        return None
+    data = line[5:].strip()
+    if not data or data == b"[DONE]":
+        return None
+    try:
+        event = json.loads(data)
+    except ValueError:
+        return None
+    choices = event.get("choices") if isinstance(event, dict) else None
+    if not choices or not isinstance(choices[0], dict):
+        return None
+    return choices[0].get("text") or ""
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) with linear interpolation between ranks (numpy's default); None if empty."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def ttft_probe(srv: Server, n: int, prompt: str, prompt_tokens: int | None) -> dict[str, Any]:
+    """``n`` sequential streamed requests, each on a fresh loopback connection, timed from sending the request to
+    the first ``data:`` event carrying text (each stream is read to its end before the next request is sent)."""
+    payload = json.dumps({"model": SERVED_NAME, "prompt": prompt, "max_tokens": PROBE_MAX_TOKENS,
+                          "temperature": 0.0, "ignore_eos": True, "stream": True}).encode()
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    ttfts: list[float] = []
+    first_events: list[float] = []  # to the first data event with a choice, text or not
+    errors: list[str] = []
+    for _ in range(n):
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=PROBE_TIMEOUT_S)
+        try:
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/completions", body=payload, headers=headers)
+            resp = conn.getresponse()
+            if resp.status != 200:
+                errors.append(f"HTTP {resp.status}: {resp.read()[:200].decode(errors='replace')}")
+                continue
+            first_text = first_event = None
+            while line := resp.readline():
+                text = sse_text(line)
+                if text is None:
+                    continue
+                now = time.perf_counter()
+                if first_event is None:
+                    first_event = now - t0
+                if text and first_text is None:
+                    first_text = now - t0
+            if first_event is not None:
+                first_events.append(first_event * 1000.0)
+            if first_text is None:
+                errors.append("no event carried text")
+            else:
+                ttfts.append(first_text * 1000.0)
+        except (OSError, http.client.HTTPException) as err:
+            errors.append(f"{type(err).__name__}: {err}")
+        finally:
+            conn.close()
+    return {
+        "requests": n, "ok": len(ttfts), "p50_ms": percentile(ttfts, 50), "p90_ms": percentile(ttfts, 90),
+        "min_ms": min(ttfts, default=None), "max_ms": max(ttfts, default=None),
+        "mean_ms": statistics.fmean(ttfts) if ttfts else None,
+        "p50_first_event_ms": percentile(first_events, 50), "samples_ms": [round(t, 3) for t in ttfts],
+        "prompt_tokens": prompt_tokens, "max_tokens": PROBE_MAX_TOKENS, "errors": errors[:10],
+        "error_count": len(errors),
+    }
+
+
+def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One point's repeats in one dict: the median of every metric under its own key (what a reader of a single
+    run's result expects), ``min`` / ``max`` per metric, totals of completed and failed requests, and the runs."""
+    out: dict[str, Any] = {}
+    lo: dict[str, Any] = {}
+    hi: dict[str, Any] = {}
+    for key in SUMMARY_KEYS:
+        vals = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+        out[key] = statistics.median(vals) if vals else None
+        lo[key] = min(vals) if vals else None
+        hi[key] = max(vals) if vals else None
+    out.update({"repeats": len(runs), "min": lo, "max": hi,
+                "completed_total": sum(r.get("completed") or 0 for r in runs),
+                "failed_total": sum(r.get("failed") or 0 for r in runs), "runs": runs})
+    return out
+
+
 def run_client(srv: Server, args: argparse.Namespace, concurrency: int, model_path: str, raw_dir: Path,
-               log_dir: Path, prefix: str) -> dict[str, Any]:
+               log_dir: Path, prefix: str, repeat: int = 1) -> dict[str, Any]:
     """One measurement with vLLM's serving benchmark client; returns the kept metrics."""
-    name = f"{prefix}-{srv.name}-c{concurrency}"
+    name = f"{prefix}-{srv.name}-c{concurrency}-r{repeat}"
     cmd = [
         sys.executable, "-c", _CLIENT, "--backend", "openai", "--base-url", srv.base_url,
         "--endpoint", "/v1/completions", "--model", SERVED_NAME, "--tokenizer", model_path,
@@ -291,7 +551,7 @@ def run_client(srv: Server, args: argparse.Namespace, concurrency: int, model_pa
                            f"(raise --client-timeout); log {client_log}") from None
     result_path = raw_dir / f"{name}.json"
     if rc != 0 or not result_path.exists():
-        raise RuntimeError(f"client for {srv.name} at concurrency {concurrency} failed (exit {rc}); "
+        raise RuntimeError(f"client for {srv.name} at concurrency {concurrency} (run {repeat}) failed (exit {rc}); "
                            f"log {client_log}:\n{_tail(client_log)}")
     result = json.loads(result_path.read_text())
     kept = {k: result.get(k) for k in METRICS}
@@ -302,32 +562,71 @@ def run_client(srv: Server, args: argparse.Namespace, concurrency: int, model_pa
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if not a or not b else a / b
+    return None if a is None or not b else a / b
+
+
+def _point(servers: dict[str, dict[str, Any]], server: str, c: int) -> dict[str, Any]:
+    """The summary of one (server, concurrency) point; {} when not measured."""
+    return (servers.get(server, {}).get("results", {}).get(str(c))) or {}
+
+
+def ratio_with_range(a: dict[str, Any], b: dict[str, Any], key: str) -> dict[str, float | None]:
+    """``a[key] / b[key]`` of two point summaries: the ratio of the medians, and the range the repeats allow
+    (a's lowest over b's highest, a's highest over b's lowest)."""
+    return {"value": _ratio(a.get(key), b.get(key)),
+            "min": _ratio((a.get("min") or {}).get(key), (b.get("max") or {}).get(key)),
+            "max": _ratio((a.get("max") or {}).get(key), (b.get("min") or {}).get(key))}
+
+
+def _probe_p50(servers: dict[str, dict[str, Any]], server: str) -> float | None:
+    return (servers.get(server, {}).get("ttft_probe") or {}).get("p50_ms")
+
+
+def compute_ratios(servers: dict[str, dict[str, Any]], concurrencies: list[int]) -> dict[str, Any]:
+    """Every server's output tok/s over bare vLLM's at every concurrency (median ratio and range), and the direct
+    probe's p50 TTFT minus bare vLLM's."""
+    ref = REFERENCE_SERVER
+    tok_s: dict[str, dict[str, Any]] = {}
+    ttft: dict[str, float | None] = {}
+    for name in servers:
+        if name == ref:
+            continue
+        tok_s[name] = {str(c): ratio_with_range(_point(servers, name, c), _point(servers, ref, c), "output_throughput")
+                       for c in concurrencies}
+        a, b = _probe_p50(servers, name), _probe_p50(servers, ref)
+        ttft[name] = None if a is None or b is None else a - b
+    return {"reference": ref, "output_tok_s": tok_s, "p50_ttft_probe_minus_vllm_ms": ttft}
 
 
 def evaluate_targets(results: dict[str, dict[str, Any]], concurrencies: list[int]) -> dict[str, Any]:
-    """The issue's three targets, each with the concurrency it was judged at and pass / fail (None: not measured)."""
-
-    def metric(server: str, c: int, key: str) -> float | None:
-        return (results.get(server, {}).get("results", {}).get(str(c)) or {}).get(key)
-
+    """The issue's targets, each with the concurrency it was judged at and pass / fail (None: not measured)."""
     ref = 32 if 32 in concurrencies else max(concurrencies)
     note = None if ref == 32 else f"32 streams not measured; judged at {ref} (indicative only)"
     out: dict[str, Any] = {}
-    for key, other, target in (("homefire_vs_vllm_output_tok_s", "vllm", 0.95),
-                               ("homefire_vs_naive_output_tok_s", "naive", 10.0)):
-        value = _ratio(metric("homefire", ref, "output_throughput"), metric(other, ref, "output_throughput"))
-        out[key] = {"concurrency": ref, "value": value, "target": f">= {target}",
+    for key, server, other, target in (("homefire_vs_vllm_output_tok_s", "homefire", "vllm", 0.95),
+                                       ("serve_run_vs_vllm_output_tok_s", "serve-run", "vllm", 0.95),
+                                       ("homefire_vs_naive_output_tok_s", "homefire", "naive", 10.0)):
+        r = ratio_with_range(_point(results, server, ref), _point(results, other, ref), "output_throughput")
+        value = r["value"]
+        out[key] = {"concurrency": ref, "value": value, "range": [r["min"], r["max"]], "target": f">= {target}",
                     "pass": None if value is None else value >= target, "note": note}
+    # Client-reported p50 TTFT deltas (medians of the repeats) at every concurrency, kept for comparison.
     deltas = {}
     for c in concurrencies:
-        a, b = metric("homefire", c, "p50_ttft_ms"), metric("vllm", c, "p50_ttft_ms")
+        a, b = _point(results, "homefire", c).get("p50_ttft_ms"), _point(results, "vllm", c).get("p50_ttft_ms")
         deltas[str(c)] = None if a is None or b is None else a - b
-    c1 = 1 if 1 in concurrencies else min(concurrencies)
-    delta = deltas.get(str(c1))
+    a, b = _probe_p50(results, "homefire"), _probe_p50(results, "vllm")
+    if a is not None and b is not None:
+        delta, source, c1, ttft_note = a - b, "ttft_probe", 1, None
+    else:  # no probe (--ttft-probes 0, or it failed): the client's p50 TTFT at the lowest concurrency
+        c1 = 1 if 1 in concurrencies else min(concurrencies)
+        delta = deltas.get(str(c1))
+        source = None if delta is None else "client"
+        ttft_note = None if delta is None else (
+            "no direct TTFT probe; client-reported p50 TTFT" + ("" if c1 == 1 else f" at {c1} streams"))
     out["homefire_minus_vllm_p50_ttft_ms"] = {
         "concurrency": c1, "value": delta, "target": "<= 5", "pass": None if delta is None else delta <= 5.0,
-        "by_concurrency": deltas, "note": None if c1 == 1 else f"1 stream not measured; judged at {c1}",
+        "source": source, "probe_p50_ms": {"homefire": a, "vllm": b}, "by_concurrency": deltas, "note": ttft_note,
     }
     return out
 
@@ -373,27 +672,86 @@ def _fmt(v: Any, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def spread_pct(median: float | None, lo: float | None, hi: float | None) -> float | None:
+    """How far (percent of the median) the run farthest from the median is; None when it cannot be said."""
+    if median is None or lo is None or hi is None or not median:
+        return None
+    return max(hi - median, median - lo) / abs(median) * 100.0
+
+
+def fmt_spread(r: dict[str, Any], key: str, spec: str = ".1f") -> str:
+    """``925.3 ±4%`` for a point summary's metric (the median, and the spread of its repeats); the median alone for
+    one run."""
+    med = r.get(key)
+    if med is None or (r.get("repeats") or 1) < 2:
+        return _fmt(med, spec)
+    pct = spread_pct(med, (r.get("min") or {}).get(key), (r.get("max") or {}).get(key))
+    return _fmt(med, spec) + ("" if pct is None else f" ±{pct:.0f}%")
+
+
+def fmt_range(value: float | None, lo: float | None, hi: float | None, spec: str = ".2f") -> str:
+    """``0.97 [0.93-1.01]``; the value alone when the range is missing or empty."""
+    if value is None:
+        return "-"
+    if lo is None or hi is None or lo == hi:
+        return format(value, spec)
+    return f"{value:{spec}} [{lo:{spec}}-{hi:{spec}}]"
+
+
+TARGET_LABELS = {"homefire_vs_vllm_output_tok_s": "homefire / bare vLLM, output tok/s",
+                 "serve_run_vs_vllm_output_tok_s": "serve run / bare vLLM, output tok/s",
+                 "homefire_vs_naive_output_tok_s": "homefire / naive, output tok/s",
+                 "homefire_minus_vllm_p50_ttft_ms": "homefire - bare vLLM, p50 TTFT (ms)"}
+
+
 def print_report(summary: dict[str, Any]) -> None:
-    head = (f"{'server':<10} {'conc':>4} {'ok/fail':>8} {'tok/s':>8} {'TTFT mean':>9} {'p50':>8} {'p99':>8} "
-            f"{'TPOT p50':>8} {'ITL p50':>8} {'p99':>8} {'goodput':>8}")
+    repeats = summary["workload"].get("repeats", 1)
+    ratios = summary.get("ratios", {}).get("output_tok_s", {})
+    head = (f"{'server':<10} {'conc':>4} {'ok/fail':>9} {'tok/s':>13} {'/vLLM':>5} {'TTFT mean':>9} {'p50':>13} "
+            f"{'p99':>8} {'TPOT p50':>12} {'ITL p50':>8} {'p99':>8} {'goodput':>11}")
     print("\n" + head + "\n" + "-" * len(head))
     for name, s in summary["servers"].items():
         if s.get("error"):
             print(f"{name:<10} error: {s['error'].splitlines()[0][:200]}")
         for c, r in s.get("results", {}).items():
-            print(f"{name:<10} {c:>4} {r['completed']:>4}/{r['failed']:<3} {_fmt(r['output_throughput']):>8} "
-                  f"{_fmt(r['mean_ttft_ms']):>9} {_fmt(r['p50_ttft_ms']):>8} {_fmt(r['p99_ttft_ms']):>8} "
-                  f"{_fmt(r['p50_tpot_ms']):>8} {_fmt(r['p50_itl_ms']):>8} {_fmt(r['p99_itl_ms']):>8} "
-                  f"{_fmt(r['request_goodput'], '.2f'):>8}")
+            vs = (ratios.get(name, {}).get(c) or {}).get("value")
+            okfail = f"{r.get('completed_total', r['completed'])}/{r.get('failed_total', r['failed'])}"
+            print(f"{name:<10} {c:>4} {okfail:>9} {fmt_spread(r, 'output_throughput'):>13} "
+                  f"{'' if name == REFERENCE_SERVER else _fmt(vs, '.2f'):>5} {_fmt(r['mean_ttft_ms']):>9} "
+                  f"{fmt_spread(r, 'p50_ttft_ms'):>13} {_fmt(r['p99_ttft_ms']):>8} {fmt_spread(r, 'p50_tpot_ms'):>12} "
+                  f"{_fmt(r['p50_itl_ms']):>8} {_fmt(r['p99_itl_ms']):>8} "
+                  f"{fmt_spread(r, 'request_goodput', '.2f'):>11}")
     slo = summary["workload"]["goodput_slo_ms"]
-    print(f"(times in ms; goodput = requests/s with TTFT <= {slo['ttft']:g} ms and TPOT <= {slo['tpot']:g} ms)\n")
-    labels = {"homefire_vs_vllm_output_tok_s": "homefire / bare vLLM, output tok/s",
-              "homefire_vs_naive_output_tok_s": "homefire / naive, output tok/s",
-              "homefire_minus_vllm_p50_ttft_ms": "homefire - bare vLLM, p50 TTFT (ms)"}
+    print(f"(times in ms; medians of {repeats} run(s) per point, ±: the run farthest from the median; ok/fail: "
+          f"requests over all runs; /vLLM: output tok/s over bare vLLM's;\n goodput = requests/s with TTFT <= "
+          f"{slo['ttft']:g} ms and TPOT <= {slo['tpot']:g} ms)")
+
+    concs = [str(c) for c in summary["workload"]["concurrency"]]
+    if ratios:
+        print("\noutput tok/s over bare vLLM's, median [range over the repeats]:")
+        print(f"  {'server':<10}" + "".join(f" {c + ' streams':>18}" for c in concs))
+        for name, by_c in ratios.items():
+            cells = [fmt_range((by_c.get(c) or {}).get("value"), (by_c.get(c) or {}).get("min"),
+                               (by_c.get(c) or {}).get("max")) for c in concs]
+            print(f"  {name:<10}" + "".join(f" {cell:>18}" for cell in cells))
+
+    print(f"\n  {'server':<10} {'startup s':>9} {'probe TTFT p50':>14} {'p90':>7} {'ok/n':>6} {'- vLLM p50':>10} "
+          f"{'peak RSS MiB':>12} {'procs':>5}")
+    ttft_deltas = summary.get("ratios", {}).get("p50_ttft_probe_minus_vllm_ms", {})
+    for name, s in summary["servers"].items():
+        probe, mem = s.get("ttft_probe") or {}, s.get("memory") or {}
+        okn = f"{probe['ok']}/{probe['requests']}" if "ok" in probe and "requests" in probe else "-"
+        print(f"  {name:<10} {_fmt(s.get('startup_s'), '.0f'):>9} {_fmt(probe.get('p50_ms'), '.2f'):>14} "
+              f"{_fmt(probe.get('p90_ms'), '.2f'):>7} {okn:>6} {_fmt(ttft_deltas.get(name), '+.2f'):>10} "
+              f"{_fmt(mem.get('peak_rss_mib'), '.0f'):>12} {_fmt(mem.get('peak_processes'), 'd'):>5}")
+    print("  (probe: sequential streamed requests, ms to the first event with text; peak RSS: summed over the "
+          "server's processes, shared pages counted per process)\n")
+
     for key, t in summary["targets"].items():
         verdict = "n/a (not measured)" if t["pass"] is None else "PASS" if t["pass"] else "FAIL"
-        value = _fmt(t["value"], ".2f")
-        print(f"  {labels[key]:<38} at {t['concurrency']:>2} streams: {value:>8}  target {t['target']:<7} {verdict}"
+        value = fmt_range(t["value"], *(t.get("range") or [None, None]))
+        where = "probe, 1 stream" if t.get("source") == "ttft_probe" else f"at {t['concurrency']:>2} streams"
+        print(f"  {TARGET_LABELS[key]:<38} {where:<15}: {value:>18}  target {t['target']:<7} {verdict}"
               + (f"  ({t['note']})" if t.get("note") else ""))
 
 
@@ -407,13 +765,21 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     panels = [("output_throughput", "output tok/s", False), ("p50_ttft_ms", "p50 TTFT (ms)", True),
               ("p50_tpot_ms", "p50 TPOT (ms)", True), ("request_goodput", "goodput (req/s)", False)]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    colors = {name: f"C{i}" for i, name in enumerate(SERVERS)}  # the same colour per server in every plot
     concurrencies = summary["workload"]["concurrency"]
     for ax, (key, title, logy) in zip(axes.flat, panels):
         for name, s in summary["servers"].items():
-            pts = [(int(c), r[key]) for c, r in s.get("results", {}).items() if r.get(key) is not None]
+            pts = []
+            for c, r in s.get("results", {}).items():
+                med = r.get(key)
+                if med is None:
+                    continue
+                lo = (r.get("min") or {}).get(key)
+                hi = (r.get("max") or {}).get(key)
+                pts.append((int(c), med, med - lo if lo is not None else 0.0, hi - med if hi is not None else 0.0))
             if pts:
-                ax.plot(*zip(*sorted(pts)), marker="o", label=name, color=colors.get(name))
+                xs, ys, down, up = zip(*sorted(pts))
+                ax.errorbar(xs, ys, yerr=[down, up], marker="o", capsize=3, label=name,
+                            color=SERVER_COLORS.get(name))
         ax.set_xscale("log", base=2)
         ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
         ax.minorticks_off()
@@ -431,9 +797,10 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     m = summary["machine"]
     slo = w["goodput_slo_ms"]
     fig.suptitle(f"serve_bench{' [' + summary['label'] + ']' if summary['label'] else ''}: {w['num_prompts']} "
-                 f"prompts, {w['input_len']} in / {w['output_len']} out, goodput SLO: TTFT {slo['ttft']:g} ms, "
-                 f"TPOT {slo['tpot']:g} ms\n{m['cpu_model']}, {m['nproc']} cores; "
-                 f"vllm {summary['versions'].get('vllm')}, ray {summary['versions'].get('ray')}", fontsize=10)
+                 f"prompts, {w['input_len']} in / {w['output_len']} out, median of {w.get('repeats', 1)} run(s) "
+                 f"(bars: min-max), goodput SLO: TTFT {slo['ttft']:g} ms, TPOT {slo['tpot']:g} ms\n"
+                 f"{m['cpu_model']}, {m['nproc']} cores; vllm {summary['versions'].get('vllm')}, "
+                 f"ray {summary['versions'].get('ray')}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -457,6 +824,26 @@ def _csv_servers(text: str) -> list[str]:
     return names
 
 
+def _positive_int(text: str) -> int:
+    try:
+        val = int(text)
+    except ValueError:
+        val = 0
+    if val < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': give a positive integer")
+    return val
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        val = int(text)
+    except ValueError:
+        val = -1
+    if val < 0:
+        raise argparse.ArgumentTypeError(f"'{text}': give an integer >= 0")
+    return val
+
+
 def _env_pair(text: str) -> tuple[str, str]:
     key, sep, val = text.partition("=")
     if not sep or not key:
@@ -470,11 +857,17 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
     )
     p.add_argument("--servers", type=_csv_servers, default=list(SERVERS),
-                   help="comma-separated servers to measure, in run order (default: homefire,vllm,naive)")
+                   help=f"comma-separated servers to measure, in run order (default: {','.join(SERVERS)})")
     p.add_argument("--concurrency", type=_csv_ints, default=None,
                    help="comma-separated --max-concurrency values (default: 1,8,32,64; --quick: 1,8)")
     p.add_argument("--num-prompts", type=int, default=None, help="requests per measurement (default: 64; --quick: 16)")
-    p.add_argument("--quick", action="store_true", help="smoke check: concurrency 1,8 and 16 prompts")
+    p.add_argument("--quick", action="store_true", help="smoke check: concurrency 1,8, 16 prompts, 1 repeat")
+    p.add_argument("--repeats", type=_positive_int, default=None,
+                   help="measurements of each (server, concurrency) point, in a row; the table, plot and targets "
+                        "use their median (default: 3; --quick: 1)")
+    p.add_argument("--ttft-probes", type=_non_negative_int, default=33,
+                   help="sequential streamed requests of the direct TTFT probe after each server's sweep; 0 skips "
+                        "it (default: 33)")
     p.add_argument("--input-len", type=int, default=64, help="prompt tokens (default: 64)")
     p.add_argument("--output-len", type=int, default=64, help="generated tokens, EOS ignored (default: 64)")
     p.add_argument("--slo-ttft-ms", type=float, default=500.0, help="goodput SLO on TTFT in ms (default: 500)")
@@ -483,7 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warm-up requests before each measurement, not counted (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="random dataset seed (default: 0)")
     p.add_argument("--model", default=None,
-                   help="model directory for all three servers (default: homefire's offline demo model)")
+                   help="model directory for every server (default: homefire's offline demo model)")
     p.add_argument("--homefire-env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the homefire server (repeatable), e.g. "
                         "RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
@@ -502,7 +895,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.concurrency = args.concurrency or ([1, 8] if args.quick else [1, 8, 32, 64])
     args.num_prompts = args.num_prompts or (16 if args.quick else 64)
-    # Only a run of all three servers writes the side-by-side file; a subset names itself, so it never overwrites it.
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    # Only a run of all the servers writes the side-by-side file; a subset names itself, so it never overwrites it.
     subset = "" if sorted(args.servers) == sorted(SERVERS) else "-" + "-".join(args.servers)
     prefix = "serve_bench" + (f"-{args.label}" if args.label else "")  # of raw results and logs
     stem = prefix + subset
@@ -527,16 +921,22 @@ def main(argv: list[str] | None = None) -> int:
                      "dataset": "random", "num_prompts": args.num_prompts, "input_len": args.input_len,
                      "output_len": args.output_len, "ignore_eos": True, "temperature": 0.0, "request_rate": "inf",
                      "num_warmups": args.num_warmups, "seed": args.seed, "concurrency": args.concurrency,
-                     "goodput_slo_ms": {"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms}},
+                     "repeats": args.repeats,
+                     "goodput_slo_ms": {"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms},
+                     "ttft_probe": {"requests": args.ttft_probes, "prompt_tokens": None,
+                                    "max_tokens": PROBE_MAX_TOKENS, "temperature": 0.0,
+                                    "client": "http.client, sequential, a fresh loopback connection each"}},
         "servers": {},
     }
+    prompt, prompt_tokens = probe_prompt(args.model) if args.ttft_probes else ("", None)
+    summary["workload"]["ttft_probe"]["prompt_tokens"] = prompt_tokens
     marker = uuid.uuid4().hex
     interrupted = False
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         servers = build_servers(args.servers, args.model, Path(tmp), homefire_env)
         for srv in servers:
             entry: dict[str, Any] = {"command": srv.cmd, "env": srv.env, "startup_s": None, "error": None,
-                                     "results": {}}
+                                     "results": {}, "ttft_probe": None, "memory": None}
             summary["servers"][srv.name] = entry
             server_log = log_dir / f"{prefix}-{srv.name}.log"
             try:
@@ -546,15 +946,29 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{srv.name}: ready in {entry['startup_s']:.0f}s")
                 preflight(srv)
                 for c in args.concurrency:
-                    check_alive(srv, server_log)
-                    log(f"{srv.name}: concurrency {c}, {args.num_prompts} prompts ...")
-                    r = run_client(srv, args, c, args.model, raw_dir, log_dir, prefix)
-                    if r["failed"]:
+                    runs: list[dict[str, Any]] = []
+                    for i in range(1, args.repeats + 1):
                         check_alive(srv, server_log)
-                    entry["results"][str(c)] = r
-                    log(f"{srv.name}: concurrency {c}: {_fmt(r['output_throughput'])} tok/s, p50 TTFT "
-                        f"{_fmt(r['p50_ttft_ms'])} ms, p50 TPOT {_fmt(r['p50_tpot_ms'])} ms, "
-                        f"{r['completed']} ok / {r['failed']} failed")
+                        log(f"{srv.name}: concurrency {c}, {args.num_prompts} prompts, run {i}/{args.repeats} ...")
+                        r = run_client(srv, args, c, args.model, raw_dir, log_dir, prefix, i)
+                        if r["failed"]:
+                            check_alive(srv, server_log)
+                        runs.append(r)
+                        entry["results"][str(c)] = summarize_runs(runs)  # kept so far, should a later run fail
+                        log(f"{srv.name}: concurrency {c}, run {i}: {_fmt(r['output_throughput'])} tok/s, p50 TTFT "
+                            f"{_fmt(r['p50_ttft_ms'])} ms, p50 TPOT {_fmt(r['p50_tpot_ms'])} ms, "
+                            f"{r['completed']} ok / {r['failed']} failed")
+                    if args.repeats > 1:
+                        log(f"{srv.name}: concurrency {c}, median of {args.repeats}: "
+                            f"{fmt_spread(entry['results'][str(c)], 'output_throughput')} tok/s")
+                if args.ttft_probes:
+                    check_alive(srv, server_log)
+                    log(f"{srv.name}: direct TTFT probe, {args.ttft_probes} sequential requests ...")
+                    probe = entry["ttft_probe"] = ttft_probe(srv, args.ttft_probes, prompt, prompt_tokens)
+                    log(f"{srv.name}: probe TTFT p50 {_fmt(probe['p50_ms'], '.2f')} ms, p90 "
+                        f"{_fmt(probe['p90_ms'], '.2f')} ms ({probe['ok']}/{probe['requests']} ok"
+                        + (f"; {probe['errors'][0]}" if probe["errors"] else "") + ")")
+                    check_alive(srv, server_log)
             except KeyboardInterrupt:
                 entry["error"] = "interrupted"
                 interrupted = True
@@ -564,10 +978,18 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 log(f"{srv.name}: stopping ...")
                 stop_server(srv, marker)
+                if srv.memory is not None:
+                    entry["memory"] = srv.memory.result()
+                    log(f"{srv.name}: peak RSS {entry['memory']['peak_rss_mib']:.0f} MiB over "
+                        f"{entry['memory']['peak_processes']} process(es)"
+                        + (f"; up to {entry['memory']['marked_outside_tree_max']} marked process(es) outside its "
+                           f"tree ({', '.join(entry['memory']['marked_outside_tree_names'])}), counted too"
+                           if entry["memory"]["marked_outside_tree_max"] else ""))
             if interrupted:
                 break
     kill_marked(marker)
 
+    summary["ratios"] = compute_ratios(summary["servers"], args.concurrency)
     summary["targets"] = evaluate_targets(summary["servers"], args.concurrency)
     json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
     json_path.write_text(json.dumps(summary, indent=2) + "\n")

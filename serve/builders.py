@@ -26,6 +26,8 @@ from homefire.serve.config import AnyModelConfig, AppConfig
 #: Streaming chunks leave the model replica at most this often after the first token (unset: see stream_interval_s).
 _INTERVAL = os.environ.get("HOMEFIRE_STREAM_INTERVAL_S")
 STREAM_INTERVAL_S: float | None = float(_INTERVAL) if _INTERVAL else None
+#: The batching interval where a Ray hop follows the model replica.
+HOP_STREAM_INTERVAL_S = 0.05
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
 
@@ -145,13 +147,15 @@ def _ingress_with_model(cfg: AppConfig, server: dict[str, Any], registry: Regist
     return serve.deployment(Ingress).options(**opts).bind(server, {}, {opts["name"]: m.name}, int(time.time()), (), local)
 
 
-def stream_interval_s(one_hop: bool) -> float:
-    """How long streamed chunks are batched in the model replica. Across a Ray hop each item costs CPU on both sides,
-    so they leave every 50 ms (the first at once); with no hop they leave as the engine makes them, as from a bare
-    engine. ``HOMEFIRE_STREAM_INTERVAL_S`` sets both."""
+def stream_interval_s(one_hop: bool) -> float | None:
+    """How long streamed chunks are batched in the model replica (the first leaves at once). Across a Ray hop each
+    item costs CPU on both sides, so they leave every 50 ms; with no hop they leave as the engine makes them, as from
+    a bare engine. ``one_hop`` (the API in the model's replica): None, decided in the replica, which knows whether it
+    binds the API port itself (direct ingress) or sits behind Serve's proxy (`serve run`), a hop again.
+    ``HOMEFIRE_STREAM_INTERVAL_S`` sets every case."""
     if STREAM_INTERVAL_S is not None:
         return STREAM_INTERVAL_S
-    return 0.0 if one_hop else 0.05
+    return None if one_hop else HOP_STREAM_INTERVAL_S
 
 
 def load_app_config(args: dict[str, Any] | None) -> AppConfig:

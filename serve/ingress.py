@@ -197,6 +197,16 @@ def _rebindable_api_port() -> None:
     replica.start_asgi_http_server = start_rebindable
 
 
+def _binds_api_port() -> bool:
+    """Whether this replica serves HTTP itself (Serve's direct ingress, as ``homefire serve`` runs it) rather than
+    behind Serve's proxy, which is one more Ray hop (``serve run``)."""
+    try:
+        from ray.serve._private import constants as serve_constants
+    except ImportError:
+        return False
+    return bool(getattr(serve_constants, "RAY_SERVE_ENABLE_DIRECT_INGRESS", False))
+
+
 def _cancel(gen) -> None:
     """Cancel a model call; a call that already failed re-raises its error from ``cancel``: it is over anyway."""
     try:
@@ -223,6 +233,10 @@ class Ingress:
             from homefire.serve.server import ModelServer
 
             limit = local.pop("max_requests")
+            if local.get("stream_interval_s") is None:
+                from homefire.serve.builders import HOP_STREAM_INTERVAL_S
+
+                local["stream_interval_s"] = 0.0 if _binds_api_port() else HOP_STREAM_INTERVAL_S
             model = await ModelServer.create(**local, restart_in_place=True)
             self.local = LocalHandle(model, limit)
             self.handles = {model.cfg.name: self.local}

@@ -7,7 +7,10 @@ with the resources it needs and what the cluster has free, instead of queueing s
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 def _pending_replica_actors(app_name: str) -> dict[str, int]:
@@ -44,7 +47,11 @@ def app_status(app_name: str, deployment_models: dict[str, str] | None = None, p
     app = status.applications.get(app_name)
     if app is None:
         return {"app": app_name, "status": "NOT_RUNNING", "deployments": {}, "message": f"no app named '{app_name}'"}
-    pending = _pending_replica_actors(app_name) if pending else {}
+    try:
+        pending = _pending_replica_actors(app_name) if pending else {}
+    except Exception as err:  # Ray's state API lives in the dashboard, which may be off or still starting
+        logger.debug("pending replicas unknown: %s", err)
+        pending = {}
     deployments = {}
     for name, dep in app.deployments.items():
         states = {str(getattr(k, "value", k)): v for k, v in (dep.replica_states or {}).items()}
