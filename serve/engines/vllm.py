@@ -54,30 +54,6 @@ def cpu_dtype(model_path: str) -> str:
     return "bfloat16" if int8_activations and torch.cpu._is_amx_tile_supported() else "float32"
 
 
-def _fork_engine_worker() -> None:
-    """Spawn vLLM's engine-core process, as a Ray worker must, but let the engine core fork its own worker.
-
-    Inside a Ray actor vLLM forces ``spawn`` for every process it starts by setting VLLM_WORKER_MULTIPROC_METHOD=spawn
-    in the environment, which the engine core inherits: its worker then imports torch and vLLM all over again (half of
-    a vLLM CPU start: 35 s of 80 on a busy 2-core box, on every start and every in-place restart). Only the Ray worker
-    must not fork; the engine core is a plain process, and bare vLLM forks the worker from it. A vLLM without this
-    internal, or a user who set VLLM_WORKER_MULTIPROC_METHOD, keeps vLLM's own behaviour.
-    """
-    import multiprocessing
-
-    try:
-        from vllm.v1.engine import utils as engine_utils
-    except ImportError:
-        return
-    if "VLLM_WORKER_MULTIPROC_METHOD" in os.environ or not hasattr(engine_utils, "get_mp_context"):
-        return
-    import ray
-
-    if not (ray.is_initialized() and ray.get_runtime_context().get_actor_id()):
-        return  # outside Ray, vLLM forks both processes itself
-    engine_utils.get_mp_context = lambda: multiprocessing.get_context("spawn")
-
-
 def _invalid(err: Exception, sampling: SamplingSpec) -> InvalidRequest:
     """vLLM's refusal of a request as a 400 naming the field (vLLM names it on its validation errors)."""
     param = getattr(err, "parameter", None) or ("response_format" if sampling.json_schema else None)
@@ -111,7 +87,6 @@ class VLLMEngine:
         if not on_gpu:
             # vLLM's CPU backend sizes its KV cache from this variable (GiB), not from memory utilisation.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.cfg.kv_cache_gb))))
-            _fork_engine_worker()
         kwargs: dict[str, Any] = dict(
             model=self.model_path,
             tokenizer=self.model_path,
