@@ -824,24 +824,19 @@ def _csv_servers(text: str) -> list[str]:
     return names
 
 
-def _positive_int(text: str) -> int:
-    try:
-        val = int(text)
-    except ValueError:
-        val = 0
-    if val < 1:
-        raise argparse.ArgumentTypeError(f"'{text}': give a positive integer")
-    return val
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
 
+    def parse(text: str) -> int:
+        try:
+            val = int(text)
+        except ValueError:
+            val = minimum - 1
+        if val < minimum:
+            raise argparse.ArgumentTypeError(f"'{text}': give an integer >= {minimum}")
+        return val
 
-def _non_negative_int(text: str) -> int:
-    try:
-        val = int(text)
-    except ValueError:
-        val = -1
-    if val < 0:
-        raise argparse.ArgumentTypeError(f"'{text}': give an integer >= 0")
-    return val
+    return parse
 
 
 def _env_pair(text: str) -> tuple[str, str]:
@@ -862,10 +857,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated --max-concurrency values (default: 1,8,32,64; --quick: 1,8)")
     p.add_argument("--num-prompts", type=int, default=None, help="requests per measurement (default: 64; --quick: 16)")
     p.add_argument("--quick", action="store_true", help="smoke check: concurrency 1,8, 16 prompts, 1 repeat")
-    p.add_argument("--repeats", type=_positive_int, default=None,
+    p.add_argument("--repeats", type=_int_at_least(1), default=None,
                    help="measurements of each (server, concurrency) point, in a row; the table, plot and targets "
                         "use their median (default: 3; --quick: 1)")
-    p.add_argument("--ttft-probes", type=_non_negative_int, default=33,
+    p.add_argument("--ttft-probes", type=_int_at_least(0), default=33,
                    help="sequential streamed requests of the direct TTFT probe after each server's sweep; 0 skips "
                         "it (default: 33)")
     p.add_argument("--input-len", type=int, default=64, help="prompt tokens (default: 64)")

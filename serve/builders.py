@@ -23,7 +23,7 @@ from homefire.errors import ConfigError
 from homefire.registry import FORMAT_ENGINES, Registry, detect_format
 from homefire.serve.config import AnyModelConfig, AppConfig
 
-#: Streaming chunks leave the model replica at most this often after the first token (unset: see stream_interval_s).
+#: Streaming chunks leave the model replica at most this often after the first token (unset: stream_interval_s).
 _INTERVAL = os.environ.get("HOMEFIRE_STREAM_INTERVAL_S")
 STREAM_INTERVAL_S: float | None = float(_INTERVAL) if _INTERVAL else None
 #: The batching interval where a Ray hop follows the model replica.
@@ -110,7 +110,7 @@ def build_app(args: dict[str, Any] | None = None):
     for m in cfg.models:
         path, base_ref = resolve_model(m, registry)
         dep = serve.deployment(ModelServer).options(**_model_options(m, cfg.server.drain_timeout_s))
-        handles[m.name] = dep.bind(m.model_dump(mode="json"), path, stream_interval_s(one_hop=False), registry.uri,
+        handles[m.name] = dep.bind(m.model_dump(mode="json"), path, stream_interval_s(hop=True), registry.uri,
                                    base_ref)
         deployments[deployment_name(m)] = m.name
         if m.autoscaling is not None and m.autoscaling.min_replicas == 0:
@@ -140,22 +140,20 @@ def _ingress_with_model(cfg: AppConfig, server: dict[str, Any], registry: Regist
     # ingress's own (LocalHandle), so Serve's router never holds a request back.
     opts["max_ongoing_requests"] = 10_000
     local = {
-        "model": m.model_dump(mode="json"), "model_path": path, "stream_interval_s": stream_interval_s(one_hop=True),
+        "model": m.model_dump(mode="json"), "model_path": path, "stream_interval_override_s": STREAM_INTERVAL_S,
         "registry_root": registry.uri, "base_ref": base_ref,
         "max_requests": m.max_ongoing_requests + (m.max_queued_requests or m.max_ongoing_requests),
     }
     return serve.deployment(Ingress).options(**opts).bind(server, {}, {opts["name"]: m.name}, int(time.time()), (), local)
 
 
-def stream_interval_s(one_hop: bool) -> float | None:
-    """How long streamed chunks are batched in the model replica (the first leaves at once). Across a Ray hop each
-    item costs CPU on both sides, so they leave every 50 ms; with no hop they leave as the engine makes them, as from
-    a bare engine. ``one_hop`` (the API in the model's replica): None, decided in the replica, which knows whether it
-    binds the API port itself (direct ingress) or sits behind Serve's proxy (`serve run`), a hop again.
-    ``HOMEFIRE_STREAM_INTERVAL_S`` sets every case."""
-    if STREAM_INTERVAL_S is not None:
-        return STREAM_INTERVAL_S
-    return None if one_hop else HOP_STREAM_INTERVAL_S
+def stream_interval_s(hop: bool, override: float | None = STREAM_INTERVAL_S) -> float:
+    """How long streamed chunks are batched in the model replica (the first leaves at once). Across a Ray ``hop``
+    each item costs CPU on both sides, so they leave every 50 ms; with no hop they leave as the engine makes them, as
+    from a bare engine. ``override`` (``HOMEFIRE_STREAM_INTERVAL_S`` where the app is built) sets every case."""
+    if override is not None:
+        return override
+    return HOP_STREAM_INTERVAL_S if hop else 0.0
 
 
 def load_app_config(args: dict[str, Any] | None) -> AppConfig:

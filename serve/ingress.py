@@ -232,12 +232,13 @@ class Ingress:
         if local is not None:
             from homefire.serve.server import ModelServer
 
-            limit = local.pop("max_requests")
-            if local.get("stream_interval_s") is None:
-                from homefire.serve.builders import HOP_STREAM_INTERVAL_S
+            from homefire.serve.builders import stream_interval_s
 
-                local["stream_interval_s"] = 0.0 if _binds_api_port() else HOP_STREAM_INTERVAL_S
-            model = await ModelServer.create(**local, restart_in_place=True)
+            limit = local.pop("max_requests")
+            # Decided here, where it is known whether this replica binds the API port itself or sits behind
+            # Serve's proxy (`serve run`), which is a hop again.
+            interval = stream_interval_s(hop=not _binds_api_port(), override=local.pop("stream_interval_override_s"))
+            model = await ModelServer.create(**local, stream_interval_s=interval, restart_in_place=True)
             self.local = LocalHandle(model, limit)
             self.handles = {model.cfg.name: self.local}
         self.deployments = deployments  # deployment name -> served name
@@ -537,7 +538,7 @@ class Ingress:
             d["model"]: d["status"] for d in st["deployments"].values()
             if d["model"] is not None and d["model"] not in self.scale_to_zero and d["running"] == 0
         }
-        if self.local is not None and self.local.restarting:
+        if self.local is not None and self.local.server.restarting:
             not_ready[self.local.server.cfg.name] = "RESTARTING_ENGINE"
         return not not_ready, not_ready
 

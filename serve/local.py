@@ -29,11 +29,6 @@ class LocalHandle:
     def options(self, *, method_name: str, stream: bool = False) -> _LocalCall:
         return _LocalCall(self, method_name, stream)
 
-    @property
-    def restarting(self) -> bool:
-        """The model's engine is being replaced in place (readiness is down meanwhile)."""
-        return bool(getattr(self.server, "restarting", False))
-
 
 class _LocalCall:
     def __init__(self, handle: LocalHandle, method_name: str, stream: bool):
@@ -45,9 +40,8 @@ class _LocalCall:
             return _call(method, args)
         h = self.handle
         if h.ongoing >= h.max_requests:
-            name = getattr(getattr(h.server, "cfg", None), "name", "?")
             raise Overloaded(
-                f"model '{name}' is at capacity ({h.max_requests} requests running or waiting); retry after the "
+                f"model '{h.server.cfg.name}' is at capacity ({h.max_requests} requests running or waiting); retry after the "
                 "Retry-After seconds", code="overloaded",
             )
         h.ongoing += 1

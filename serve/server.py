@@ -44,7 +44,6 @@ class ModelServer:
         self._restart_in_place = restart_in_place
         self._ready = asyncio.Event()
         self._stopping = False
-        self.restarts = 0
         await self._start_engine()
 
     @classmethod
@@ -78,8 +77,7 @@ class ModelServer:
     async def _answer(self, shape, request, adapter: str | None) -> AsyncIterator[str | dict]:
         """The serving layer's ``shape`` ("chat" or "completion") for ``request``; a dead engine ends this replica or
         is replaced in it. While it is being replaced, requests wait (the ingress bounds the wait)."""
-        if not self._ready.is_set():
-            await self._ready.wait()
+        await self._ready.wait()
         if adapter is not None:
             await self.ensure_adapter(adapter)
         try:
@@ -111,12 +109,10 @@ class ModelServer:
         if self._stopping or not self._ready.is_set():
             return
         if not self._restart_in_place:
-            self._stopping = True
             logger.error("model %s: the engine died (%s); this replica exits so Serve replaces it", self.cfg.name, err)
             self._exit()
             return
         self._ready.clear()
-        self.restarts += 1
         logger.error("model %s: the engine died (%s); starting a new one in this replica", self.cfg.name, err)
         self._restart = asyncio.create_task(self._restart_engine())
 
@@ -131,13 +127,13 @@ class ModelServer:
         except Exception:
             logger.exception("model %s: the new engine did not start; this replica exits so Serve replaces it",
                              self.cfg.name)
-            self._stopping = True
             self._exit()
             return
         logger.warning("model %s: new engine serving %.1fs after the old one died", self.cfg.name,
                        time.monotonic() - started)
 
     def _exit(self) -> None:
+        self._stopping = True
         # A moment for the answers already failing (EngineDead, retried by the ingress) to leave this process.
         asyncio.get_running_loop().call_later(0.2, os._exit, 1)
 

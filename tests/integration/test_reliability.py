@@ -71,7 +71,6 @@ def _app(model_path: str, **server) -> dict:
 def cluster(tiny_model_path):
     c = ServeCluster(num_cpus=6)
     c.deploy(_app(tiny_model_path))
-    c.model_path = tiny_model_path
     yield c
     c.close()
     for name, counts in COUNTS.items():
@@ -333,8 +332,10 @@ def test_a_killed_engine_is_replaced_in_its_replica_and_loses_no_plain_request(c
           f"all 8 answered after {times['all_answered_s']:.1f}s")
 
 
-def test_a_killed_replica_behind_a_separate_ingress_loses_no_plain_request_and_leaves_no_engine_behind(cluster):
-    cluster.deploy(_app(cluster.model_path, ingress="separate"))
+def test_a_killed_replica_behind_a_separate_ingress_loses_no_plain_request_and_leaves_no_engine_behind(
+    cluster, tiny_model_path
+):
+    cluster.deploy(_app(tiny_model_path, ingress="separate"))
     old_replica = _replica_pid()
     old_engine = _engine_core(old_replica)
     results, times = _kill_under_load(cluster, lambda: old_replica)
