@@ -122,7 +122,8 @@ def build_app(args: dict[str, Any] | None = None):
         max_ongoing_requests=10_000,
         graceful_shutdown_timeout_s=cfg.server.drain_timeout_s,
     )
-    return ingress.bind(server, handles, deployments, int(time.time()), optional)
+    engines = {m.name: m.engine for m in cfg.models}
+    return ingress.bind(server, handles, deployments, int(time.time()), optional, engines=engines)
 
 
 def _ingress_with_model(cfg: AppConfig, server: dict[str, Any], registry: Registry):
@@ -144,7 +145,8 @@ def _ingress_with_model(cfg: AppConfig, server: dict[str, Any], registry: Regist
         "registry_root": registry.uri, "base_ref": base_ref,
         "max_requests": m.max_ongoing_requests + (m.max_queued_requests or m.max_ongoing_requests),
     }
-    return serve.deployment(Ingress).options(**opts).bind(server, {}, {opts["name"]: m.name}, int(time.time()), (), local)
+    return serve.deployment(Ingress).options(**opts).bind(
+        server, {}, {opts["name"]: m.name}, int(time.time()), (), local, engines={m.name: m.engine})
 
 
 def stream_interval_s(hop: bool, override: float | None = STREAM_INTERVAL_S) -> float:

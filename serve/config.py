@@ -52,7 +52,7 @@ _ENGINE_OWNED_ARGS = {
     "model": "source", "tokenizer": "source", "served_model_name": "name", "dtype": "dtype",
     "max_model_len": "max_model_len", "gpu_memory_utilization": "gpu_memory_utilization",
     "trust_remote_code": "trust_remote_code", "enable_lora": "max_loras", "max_loras": "max_loras",
-    "max_lora_rank": "max_lora_rank",
+    "max_lora_rank": "max_lora_rank", "runner": "task", "convert": "task",
 }
 
 
@@ -80,6 +80,11 @@ class _ModelBase(ModelSpec):
     health_check_period_s: float = Field(
         2.0, gt=0, le=600, description="How often Serve asks a replica whether its engine is healthy.",
     )
+    task: Literal["generate", "embed"] = Field(
+        "generate",
+        description="`generate`: chat, completions and the Responses API. `embed` (engine vllm): `/v1/embeddings`; "
+        "a decoder-only model is turned into an embedding model by last-token pooling.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -94,6 +99,8 @@ class _ModelBase(ModelSpec):
             raise ValueError(f"gpus={self.gpus}: above 1 GPU a replica needs a whole number; fix: use 1, 2, 4 or 8")
         if self.replicas is not None and self.autoscaling is not None:
             raise ValueError("give either `replicas` (fixed) or `autoscaling` (bounds), not both; fix: remove one")
+        if self.task != "generate" and getattr(self, "engine", "vllm") != "vllm":
+            raise ValueError(f"task '{self.task}' needs engine vllm; fix: serve the model with engine: vllm")
         return self
 
 
@@ -114,6 +121,17 @@ class VLLMModelConfig(_ModelBase):
     )
     max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
         16, description="Largest adapter rank the engine accepts (vLLM's allowed values)."
+    )
+    tool_parser: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="vLLM's tool-call parser for this model family (hermes, llama3_json, mistral, qwen3_coder, ...): "
+        "turns on `tool_choice: auto`. Named and `required` tool choices work without one.",
+    )
+    tool_strict_level: Literal["auto", "function", "parameter"] = Field(
+        "parameter",
+        description="How far tool calls are constrained by structured output when a tool parser is set: `parameter` "
+        "(every call's arguments follow the tool's JSON schema), `function` (the call's envelope only), `auto` (each "
+        "tool's own `strict` decides).",
     )
     engine_args: dict[str, Any] = Field(
         default_factory=dict,

@@ -43,7 +43,14 @@ from homefire.serve.config import ServerConfig
 from homefire.serve.local import LocalHandle
 from homefire.serve.metrics import ServeMetrics
 from homefire.serve.openapi import document
-from homefire.serve.protocol import ChatCompletionRequest, CompletionRequest
+from homefire.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    NativeRequest,
+    beyond_lean,
+    validate_request,
+    validation_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +87,6 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
     return JSONResponse(body, status_code=err.status_code)
 
 
-def _param(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc if p not in ("function-after", "function-before")) or "body"
-
-
 def load_json_object(body: bytes) -> dict:
     """JSON bytes -> a dict; InvalidRequest naming the body otherwise."""
     try:
@@ -99,28 +102,6 @@ def load_json_object(body: bytes) -> dict:
 def parse_request(body: bytes, model_cls: type) -> Any:
     """JSON bytes -> validated request; InvalidRequest naming the field otherwise."""
     return validate_request(load_json_object(body), model_cls)
-
-
-def validate_request(data: dict, model_cls: type) -> Any:
-    """A decoded JSON object -> validated request; InvalidRequest naming the field otherwise."""
-    try:
-        return model_cls.model_validate(data)
-    except ValidationError as err:
-        errors = err.errors()
-        first = errors[0]
-        param = _param(tuple(first["loc"]))
-        msgs = []
-        for e in errors[:5]:
-            p = _param(tuple(e["loc"]))
-            if e["type"] == "extra_forbidden":
-                msgs.append(f"{p}: unknown field; remove it")
-            elif e["type"] == "missing":
-                msgs.append(f"{p}: field required")
-            else:
-                got = e.get("input")
-                got_s = "" if isinstance(got, (dict, list)) else f" (got {got!r:.60})"
-                msgs.append(f"{p}: {e['msg']}{got_s}")
-        raise InvalidRequest("; ".join(msgs), param=param) from None
 
 
 class VertexPredictRequest(BaseModel):
@@ -139,11 +120,7 @@ class LoadAdapterRequest(BaseModel):
     lora_path: str | None = Field(None, description="Not accepted: adapters come from the registry.")
 
 
-def _as_openai(data: dict) -> tuple[Any, str]:
-    """A decoded request body -> (validated chat or completion request, ModelServer method)."""
-    if "messages" in data:
-        return validate_request(data, ChatCompletionRequest), "chat"
-    return validate_request(data, CompletionRequest), "completion"
+_REQUEST_MODELS = {"chat": ChatCompletionRequest, "completion": CompletionRequest}
 
 
 class _Timeout(Exception):
@@ -221,11 +198,15 @@ class Ingress:
 
     async def __init__(
         self, server: dict[str, Any], models: dict[str, Any], deployments: dict[str, str], created: int,
-        scale_to_zero: list[str] = (), local: dict[str, Any] | None = None,
+        scale_to_zero: list[str] = (), local: dict[str, Any] | None = None, engines: dict[str, str] | None = None,
     ):
         """``models``: served name -> the DeploymentHandle of its model deployment. ``local``: instead, the
         arguments of one :class:`~homefire.serve.server.ModelServer` that runs in this replica (one hop: see
-        :mod:`homefire.serve.local`) and ``max_requests``, its admission bound."""
+        :mod:`homefire.serve.local`) and ``max_requests``, its admission bound. ``engines``: served name -> engine
+        kind; a model whose engine brings its own OpenAI layer (vLLM) is sent what homefire's request models do not
+        cover (:class:`~homefire.serve.protocol.NativeRequest`)."""
+        from homefire.serve.engines import engine_class
+
         self.cfg = ServerConfig.model_validate(server)
         self.handles = models  # served name -> DeploymentHandle (or LocalHandle)
         self.local: LocalHandle | None = None
@@ -242,6 +223,8 @@ class Ingress:
             self.local = LocalHandle(model, limit)
             self.handles = {model.cfg.name: self.local}
         self.deployments = deployments  # deployment name -> served name
+        self.engines = dict(engines or {})
+        self.native = {name for name, kind in self.engines.items() if engine_class(kind).capabilities.native_openai}
         self.created = created
         self.scale_to_zero = set(scale_to_zero)
         keys = [k.get_secret_value() for k in self.cfg.api_keys]
@@ -286,10 +269,40 @@ class Ingress:
             )
         return base, model, adapter or None
 
-    async def _generate(self, request: Request, model_cls: type, method: str, route: str) -> Response:
+    async def _generate(self, request: Request, native_route: str, route: str) -> Response:
         self._authorize(request)
-        req = parse_request(await self._read_body(request), model_cls)
-        return await self._dispatch(req, method, route)
+        data = load_json_object(await self._read_body(request))
+        return await self._dispatch(*self._parse(data, native_route), route)
+
+    def _parse(self, data: dict, native_route: str) -> tuple[Any, str]:
+        """(request, ModelServer method). homefire's own request model where it covers the request: the lean path;
+        else, for a model whose engine has its own OpenAI layer, the body as is, for that layer to validate."""
+        if native_route in ("chat", "completion"):
+            try:
+                return _REQUEST_MODELS[native_route].model_validate(data), native_route
+            except ValidationError as err:
+                if self._served_natively(data) is None or not beyond_lean(err, data):
+                    raise validation_error(err) from None
+                return NativeRequest(native_route, data), "native"
+        model = self._served_natively(data)
+        if model is None:
+            model = data.get("model")
+            if not isinstance(model, str) or not model:
+                raise InvalidRequest("model: field required; name one of the served models", param="model")
+            base, _, _ = self._route(model)
+            raise InvalidRequest(
+                f"model '{model}' runs on engine {self.engines.get(base, '?')}, which does not serve "
+                f"/v1/{native_route}; serve the model with engine vllm for this route",
+                param="model", code="unsupported_by_engine",
+            )
+        return NativeRequest(native_route, data), "native"
+
+    def _served_natively(self, data: dict) -> str | None:
+        """The request's model when its engine brings its own OpenAI layer."""
+        model = data.get("model")
+        if isinstance(model, str) and model.partition(":")[0] in self.native:
+            return model
+        return None
 
     async def _dispatch(self, req: Any, method: str, route: str) -> Response:
         if self.draining:
@@ -416,11 +429,21 @@ class Ingress:
     # ------------------------------------------------------------------ routes
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
-        return await self._counted("chat", self._generate(request, ChatCompletionRequest, "chat", "chat"))
+        return await self._counted("chat", self._generate(request, "chat", "chat"))
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        return await self._counted("completions", self._generate(request, CompletionRequest, "completion", "completions"))
+        return await self._counted("completions", self._generate(request, "completion", "completions"))
+
+    @app.post("/v1/responses")
+    async def responses(self, request: Request) -> Response:
+        """OpenAI's Responses API, for models served by vLLM (answered by vLLM's own Responses layer)."""
+        return await self._counted("responses", self._generate(request, "responses", "responses"))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> Response:
+        """Embeddings, for models served by vLLM with ``task: embed``."""
+        return await self._counted("embeddings", self._generate(request, "embeddings", "embeddings"))
 
     async def _counted(self, route: str, call: Awaitable[Response]) -> Response:
         """Await an inference route; a homefire error becomes its OpenAI error response, counted in the metrics."""
@@ -546,7 +569,7 @@ class Ingress:
         """One OpenAI request in the body: chat if it has `messages`, else a text completion."""
         self._authorize(request)
         data = load_json_object(await self._read_body(request))
-        return await self._dispatch(*_as_openai(data), route)
+        return await self._dispatch(*self._parse(data, "chat" if "messages" in data else "completion"), route)
 
     @app.get("/ping")
     async def sagemaker_ping(self) -> JSONResponse:
@@ -584,7 +607,9 @@ class Ingress:
         predictions = []
         for i, instance in enumerate(body.instances):
             try:
-                resp = await self._dispatch(*_as_openai({**instance, "stream": False}), "vertex")
+                instance = {**instance, "stream": False}
+                resp = await self._dispatch(*self._parse(instance, "chat" if "messages" in instance else "completion"),
+                                            "vertex")
             except HomefireError as err:
                 err.param = f"instances.{i}.{err.param}" if err.param else f"instances.{i}"
                 raise

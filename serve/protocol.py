@@ -6,9 +6,12 @@ than model instances); their shape follows the OpenAI API reference.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from homefire.errors import InvalidRequest
 
 MAX_STOP = 16
 MAX_STOP_LEN = 256
@@ -149,3 +152,78 @@ class CompletionRequest(_Sampling):
 
     def token_limit(self) -> int | None:
         return self.max_tokens if self.max_tokens is not None else 16  # OpenAI's default for completions
+
+
+#: Routes whose requests an engine's own OpenAI layer answers (see :class:`NativeRequest`).
+NATIVE_ROUTES = ("chat", "completion", "responses", "embeddings")
+
+
+@dataclass
+class NativeRequest:
+    """An OpenAI request for an engine that brings its own OpenAI layer (vLLM): the decoded JSON body, validated in
+    the model's replica by the engine's own request models. homefire's models above cover the common requests on a
+    leaner path; everything else a vLLM model accepts (logprobs, tools, logit_bias, batched prompts, the Responses API,
+    embeddings, vLLM's extensions) travels as this."""
+
+    route: Literal["chat", "completion", "responses", "embeddings"]
+    body: dict[str, Any]
+
+    @property
+    def model(self) -> str:
+        return self.body["model"]
+
+    @property
+    def stream(self) -> bool:
+        return self.body.get("stream") is True
+
+    @property
+    def n(self) -> int:
+        n = self.body.get("n")
+        return n if isinstance(n, int) and not isinstance(n, bool) else 1
+
+
+#: Fields homefire's lean models accept only at their default: a request that sets them is for the engine's own layer.
+_NOT_LEAN = {"logprobs", "top_logprobs", "echo", "suffix"}
+
+
+def beyond_lean(err: ValidationError, data: dict) -> bool:
+    """Whether homefire's request model refused ``data`` for asking what the lean path does not do (an OpenAI or vLLM
+    field it does not implement, logprobs, echo, batched prompts) rather than for a bad value of what it does: such a
+    request goes to the engine's own OpenAI layer where there is one (:class:`NativeRequest`); the rest stay 400s."""
+    prompt = data.get("prompt")
+    batched = isinstance(prompt, list) and bool(prompt) and (isinstance(prompt[0], list) or
+                                                              (isinstance(prompt[0], str) and len(prompt) > 1))
+    for e in err.errors():
+        loc = e["loc"]
+        if e["type"] == "extra_forbidden" or (loc and loc[0] in _NOT_LEAN) or (loc and loc[0] == "prompt" and batched):
+            return True
+    return False
+
+
+def validate_request(data: dict, model_cls: type) -> Any:
+    """A decoded JSON object -> validated request; InvalidRequest naming the field otherwise."""
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err) from None
+
+
+def validation_error(err: ValidationError) -> InvalidRequest:
+    """Pydantic's verdict on a request as one 400 naming the first bad field (and up to five in the message)."""
+    errors = err.errors()
+    msgs = []
+    for e in errors[:5]:
+        p = _param(tuple(e["loc"]))
+        if e["type"] == "extra_forbidden":
+            msgs.append(f"{p}: unknown field; remove it")
+        elif e["type"] == "missing":
+            msgs.append(f"{p}: field required")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, (dict, list)) else f" (got {got!r:.60})"
+            msgs.append(f"{p}: {e['msg']}{got_s}")
+    return InvalidRequest("; ".join(msgs), param=_param(tuple(errors[0]["loc"])))
+
+
+def _param(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if p not in ("function-after", "function-before")) or "body"

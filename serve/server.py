@@ -18,7 +18,7 @@ from homefire.errors import AdapterNotFound, ConfigError, EngineDead, EngineStar
 from homefire.registry import Registry
 from homefire.serve.config import model_config
 from homefire.serve.engines import engine_class
-from homefire.serve.protocol import ChatCompletionRequest, CompletionRequest
+from homefire.serve.protocol import ChatCompletionRequest, CompletionRequest, NativeRequest
 from homefire.serve.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ class ModelServer:
         self.engine = engine_class(self.cfg.engine)(self.cfg, self.model_path)
         await self.engine.start(constants.ENGINE_START_TIMEOUT_S)
         self.serving = OpenAIServing(self.cfg.name, self.engine, self._stream_interval_s)
+        # The engine's own OpenAI layer, for what homefire's request models do not cover (vLLM: logprobs, tools,
+        # the Responses API, embeddings ...).
+        self.native_layer = await self.engine.openai_layer() if self.engine.capabilities.native_openai else None
         self._adapter_checked.clear()  # a new engine holds no adapters: the next request for one loads it
         self._watchdog = asyncio.create_task(self._watch_engine())
         self._ready.set()
@@ -74,14 +77,29 @@ class ModelServer:
         async for item in self._answer("completion", request, adapter):
             yield item
 
+    async def native(self, request: NativeRequest, adapter: str | None = None) -> AsyncIterator[str | dict]:
+        """A request for the engine's own OpenAI layer (see :class:`~homefire.serve.protocol.NativeRequest`)."""
+        async for item in self._answer("native", request, adapter):
+            yield item
+
     async def _answer(self, shape, request, adapter: str | None) -> AsyncIterator[str | dict]:
         """The serving layer's ``shape`` ("chat" or "completion") for ``request``; a dead engine ends this replica or
         is replaced in it. While it is being replaced, requests wait (the ingress bounds the wait)."""
         await self._ready.wait()
         if adapter is not None:
             await self.ensure_adapter(adapter)
+        if shape == "native":
+            if self.native_layer is None:
+                raise InvalidRequest(f"model '{self.cfg.name}' runs on engine {self.cfg.engine}, which answers only "
+                                     "the OpenAI fields homefire documents", param="model", code="unsupported_by_engine")
+            answer = self.native_layer.respond(request, adapter, self._stream_interval_s)
+        elif self.cfg.task != "generate":
+            raise InvalidRequest(f"model '{self.cfg.name}' is an embedding model (task: {self.cfg.task}); send it "
+                                 "POST /v1/embeddings", param="model", code="unsupported_by_model")
+        else:
+            answer = getattr(self.serving, shape)(request, adapter)
         try:
-            async for item in getattr(self.serving, shape)(request, adapter):
+            async for item in answer:
                 yield item
         except EngineDead as err:
             self._engine_died(err)

@@ -137,9 +137,9 @@ class OpenAIServing:
         rid = f"{prefix}-{uuid.uuid4().hex}"
         yield ACCEPTED
         stream = self.engine.generate(rid, ids, spec, adapter)
-        st = _stats(len(ids))
+        st = new_stats(len(ids))
         body = shapes[0](req, rid, stream, st) if req.stream else shapes[1](req, rid, stream, st)
-        async for item in self._timed(body, received, st, req.stream):
+        async for item in timed(body, received, st, req.stream, self.stream_interval_s):
             yield item
 
     # ------------------------------------------------------------------ shapes
@@ -214,73 +214,76 @@ class OpenAIServing:
             "usage": _usage(st["prompt_tokens"], tokens),
         })
 
-    # ------------------------------------------------------------------ batching and stats
-    async def _timed(self, body: AsyncIterator[str], received: float, stats: dict, streaming: bool):
-        """Forward ``body`` batched in time, then yield the stats dict."""
-        last = None
-        async for chunk in self._batched(body, streaming):
-            now = time.perf_counter()
-            if last is None:  # the first chunk carries the first tokens
-                stats["ttft_s"] = now - received
-            else:
-                stats["itl_s"].append(now - last)
-            last = now
-            yield chunk
-        yield stats
 
-    async def _batched(self, body: AsyncIterator[str], streaming: bool) -> AsyncIterator[str]:
-        interval = self.stream_interval_s
-        if not streaming or interval <= 0:
-            sent = False
-            try:
-                async for chunk in body:
-                    yield chunk
-                    sent = True
-            except Exception as err:
-                if not (streaming and sent):
-                    raise _as_error(err) from err
-                yield _error_event(err)
-            return
-        queue: asyncio.Queue = asyncio.Queue()
-        end = object()
+async def timed(body: AsyncIterator[str], received: float, stats: dict, streaming: bool, interval: float):
+    """Forward ``body`` batched in time (:func:`batched`), recording TTFT and inter-chunk times; then yield ``stats``."""
+    last = None
+    async for chunk in batched(body, streaming, interval):
+        now = time.perf_counter()
+        if last is None:  # the first chunk carries the first tokens
+            stats["ttft_s"] = now - received
+        else:
+            stats["itl_s"].append(now - last)
+        last = now
+        yield chunk
+    yield stats
 
-        async def pump():
-            try:
-                async for chunk in body:
-                    queue.put_nowait(chunk)
-                queue.put_nowait(end)
-            except asyncio.CancelledError:
-                raise
-            except BaseException as err:  # handed to the consumer, which reports it in-stream
-                queue.put_nowait(err)
 
-        task = asyncio.create_task(pump())
+async def batched(body: AsyncIterator[str], streaming: bool, interval: float) -> AsyncIterator[str]:
+    """``body``'s chunks, those of a stream joined so that one leaves at most every ``interval`` seconds (the first at
+    once). A failure before anything was sent raises (the ingress answers with its status); after, it ends the stream
+    with an error event."""
+    if not streaming or interval <= 0:
+        sent = False
         try:
-            first = True
+            async for chunk in body:
+                yield chunk
+                sent = True
+        except Exception as err:
+            if not (streaming and sent):
+                raise _as_error(err) from err
+            yield _error_event(err)
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump():
+        try:
+            async for chunk in body:
+                queue.put_nowait(chunk)
+            queue.put_nowait(end)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:  # handed to the consumer, which reports it in-stream
+            queue.put_nowait(err)
+
+    task = asyncio.create_task(pump())
+    try:
+        first = True
+        while True:
+            item = await queue.get()
+            parts = []
             while True:
-                item = await queue.get()
-                parts = []
-                while True:
-                    if item is end or isinstance(item, BaseException):
-                        break
-                    parts.append(item)
-                    if queue.empty():
-                        break
-                    item = queue.get_nowait()
-                if parts:
-                    yield "".join(parts)
-                if item is end:
-                    return
-                if isinstance(item, BaseException):
-                    if first and not parts:
-                        raise _as_error(item) from item
-                    yield _error_event(item)
-                    return
-                if not first:
-                    await asyncio.sleep(interval)
-                first = False
-        finally:
-            task.cancel()
+                if item is end or isinstance(item, BaseException):
+                    break
+                parts.append(item)
+                if queue.empty():
+                    break
+                item = queue.get_nowait()
+            if parts:
+                yield "".join(parts)
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                if first and not parts:
+                    raise _as_error(item) from item
+                yield _error_event(item)
+                return
+            if not first:
+                await asyncio.sleep(interval)
+            first = False
+    finally:
+        task.cancel()
 
 
 def _as_error(err: BaseException) -> HomefireError:
@@ -296,7 +299,7 @@ def _error_event(err: BaseException) -> str:
     return _sse(_as_error(err).to_openai()) + _DONE
 
 
-def _stats(prompt_len: int) -> dict[str, Any]:
+def new_stats(prompt_len: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt_len, "completion_tokens": 0, "ttft_s": None, "itl_s": []}
 
 

@@ -23,17 +23,28 @@ from homefire.registry import Entry, Registry
 logger = logging.getLogger(__name__)
 
 #: Bump when the build code changes in a way that changes the artifacts.
-BUILD_CODE_VERSION = 2
+BUILD_CODE_VERSION = 3
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
-#: A Jinja chat template over the special tokens above (what `apply_chat_template` renders).
+#: A Jinja chat template over the special tokens above (what `apply_chat_template` renders). Tools, tool calls and
+#: tool results are rendered the Hermes way (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`), so the demo
+#: models are served with `tool_parser: hermes`; without tools it renders exactly as before.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}{{ '<|system|>\nYou may call these tools; to call one, answer <tool_call>{\"name\": ..., "
+    "\"arguments\": {...}}</tool_call>\n' + (tools | tojson) + '<|end|>\n' }}{% endif %}"
     "{% for message in messages %}"
     "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% elif message['content'] is none %}{% set text = '' %}"
     "{% else %}{% set text = message['content'] | map(attribute='text') | join('') %}{% endif %}"
-    "{{ '<|' + message['role'] + '|>\n' + text + '<|end|>\n' }}"
+    "{% if message['role'] == 'tool' %}{% set text = '<tool_response>' + text + '</tool_response>' %}{% endif %}"
+    "{{ '<|' + ('user' if message['role'] == 'tool' else message['role']) + '|>\n' + text }}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "{{ '<tool_call>' + ({'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson)"
+    " + '</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|end|>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )

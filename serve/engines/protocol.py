@@ -118,6 +118,9 @@ class Capabilities:
     penalties: bool = True
     #: `min_tokens` and `ignore_eos` (vLLM extensions; benchmark clients send them).
     min_tokens: bool = True
+    #: Brings its own OpenAI layer (``Engine.openai_layer``) for what homefire's request models do not cover: the
+    #: ingress sends it those requests (:class:`homefire.serve.protocol.NativeRequest`) instead of refusing them.
+    native_openai: bool = False
 
 
 class Tokenizer(Protocol):
@@ -188,6 +191,10 @@ class Engine(Protocol):
 
     async def shutdown(self) -> None:
         """Release the engine's processes and memory."""
+
+    # An engine with ``capabilities.native_openai`` also has ``async def openai_layer()``: an object whose
+    # ``respond(NativeRequest, adapter, stream_interval_s)`` answers with the serving protocol of
+    # :class:`homefire.serve.serving.OpenAIServing` (see :mod:`homefire.serve.engines.vllm_openai`).
 
 
 class NoAdapters:

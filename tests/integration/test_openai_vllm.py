@@ -1,9 +1,10 @@
-"""The OpenAI API end to end: a real local Ray, two models on the real vLLM CPU engine,
-requests through the official `openai` client (and raw HTTP for malformed input)."""
+"""The OpenAI API end to end: a real local Ray, three models on the real vLLM CPU engine (two that generate, one
+that embeds), requests through the official `openai` client (and raw HTTP for malformed input)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import openai
@@ -23,7 +24,9 @@ def cluster(tiny_model_path):
     c.deploy({
         "models": [
             {"name": "tiny", "source": tiny_model_path, "max_model_len": CONTEXT},
-            {"name": "tiny-b", "source": "demo-tiny", "max_model_len": 512},
+            {"name": "tiny-b", "source": "demo-tiny", "max_model_len": 512, "tool_parser": "hermes"},
+            {"name": "tiny-embed", "source": tiny_model_path, "max_model_len": CONTEXT, "task": "embed",
+             "cpus": 0.5},
         ],
         "server": {"api_keys": [KEY], "max_body_bytes": 65_536, "max_n": 8},
     })
@@ -53,7 +56,7 @@ MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "c
 
 
 def test_models_lists_every_served_model(client):
-    assert sorted(m.id for m in client.models.list().data) == ["tiny", "tiny-b"]
+    assert sorted(m.id for m in client.models.list().data) == ["tiny", "tiny-b", "tiny-embed"]
 
 
 def test_chat_uses_the_tokenizers_chat_template_and_fills_usage(client, tokenizer):
@@ -159,7 +162,7 @@ def test_two_models_are_routed_by_name(client):
 def test_unknown_model_is_a_404_listing_served_models(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-4", messages=MESSAGES)
-    assert "'gpt-4' is not served" in str(e.value) and "tiny, tiny-b" in str(e.value)
+    assert "'gpt-4' is not served" in str(e.value) and "tiny, tiny-b, tiny-embed" in str(e.value)
     assert e.value.body["param"] == "model"
 
 
@@ -264,5 +267,183 @@ def test_metrics_count_requests_tokens_and_latency_per_model(client, http):
 def test_status_reports_running_replicas(http):
     st = http.get("/v1/status").json()
     models = {d["model"]: d for d in st["deployments"].values() if d["model"]}
-    assert set(models) == {"tiny", "tiny-b"}
+    assert set(models) == {"tiny", "tiny-b", "tiny-embed"}
     assert all(d["running"] == 1 and d["pending"] == 0 for d in models.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What agents, eval harnesses and RAG stacks send: answered by vLLM's own OpenAI layer in the model's replica.
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Today's weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]},
+                           "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def _valid_weather_args(arguments: str) -> bool:
+    args = json.loads(arguments)
+    return set(args) == {"city", "unit"} and args["city"] in ("Paris", "Oslo") and args["unit"] in ("celsius", "fahrenheit")
+
+
+@pytest.fixture(scope="module")
+def no_whitespace(tokenizer) -> dict[str, int]:
+    """logit_bias against whitespace-only tokens: the untrained tiny model, inside a JSON grammar that allows
+    whitespace anywhere, would otherwise spend its tokens on it."""
+    return {str(i): -100 for i in range(len(tokenizer)) if tokenizer.decode([i]).strip() == ""}
+
+
+def test_chat_logprobs_and_top_logprobs_streamed_and_not(client):
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4 and "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 2
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob)  # greedy: the chosen token is the most likely
+    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0,
+                                                 logprobs=True, top_logprobs=2, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content])
+    assert r.usage.completion_tokens == 4
+
+
+def test_completion_echo_with_prompt_logprobs_as_lm_eval_sends_it(client, tokenizer):
+    """lm-eval's loglikelihood requests: the prompt echoed with each token's logprob, batched prompts."""
+    prompts = ["def main():", "import os"]
+    r = client.completions.create(model="tiny", prompt=prompts, max_tokens=1, logprobs=1, echo=True, temperature=0)
+    assert len(r.choices) == 2
+    for choice in r.choices:
+        prompt = prompts[choice.index]
+        n = len(tokenizer.encode(prompt, add_special_tokens=False))
+        lp = choice.logprobs
+        assert choice.text.startswith(prompt) and len(lp.tokens) == n + 1
+        assert "".join(lp.tokens[:n]) == prompt
+        assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+        assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
+def test_logit_bias_is_applied(client, tokenizer):
+    target = tokenizer.encode(" return", add_special_tokens=False)[0]
+    r = client.completions.create(model="tiny", prompt="x = 1", max_tokens=3, temperature=1.0,
+                                  logit_bias={str(target): 100}, seed=1)
+    assert r.choices[0].text == tokenizer.decode([target] * 3)
+
+
+def test_a_named_tool_choice_returns_a_call_whose_arguments_follow_the_schema(client, no_whitespace):
+    r = client.chat.completions.create(
+        model="tiny-b", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER], max_tokens=140,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, logit_bias=no_whitespace, seed=0,
+    )
+    calls = r.choices[0].message.tool_calls
+    assert calls and calls[0].type == "function" and calls[0].function.name == "get_weather", r.choices[0].message
+    assert _valid_weather_args(calls[0].function.arguments), calls[0].function.arguments
+    assert calls[0].id
+
+
+def test_a_required_tool_call_streams_as_tool_call_deltas(client, no_whitespace):
+    chunks = list(client.chat.completions.create(
+        model="tiny-b", messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER], max_tokens=140,
+        tool_choice="required", parallel_tool_calls=False, logit_bias=no_whitespace, seed=0, stream=True,
+    ))
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas and deltas[0].id and deltas[0].function.name == "get_weather"
+    assert _valid_weather_args("".join(d.function.arguments or "" for d in deltas))
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_tool_result_turn_is_rendered_through_the_models_chat_template(client, tokenizer):
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21"}]
+    r = client.chat.completions.create(model="tiny-b", messages=messages, tools=[WEATHER], tool_choice="none",
+                                       max_tokens=2)
+    rendered = tokenizer.apply_chat_template(
+        messages[:1] + [{**messages[1], "tool_calls": [{**call, "function": {**call["function"], "arguments": json.loads(call["function"]["arguments"])}}]}, messages[2]],
+        tools=[WEATHER], add_generation_prompt=True, tokenize=False,
+    )
+    assert "<tool_response>sunny, 21</tool_response>" in rendered
+    assert r.usage.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))
+
+
+def test_tools_on_a_model_without_a_tool_parser_are_a_400_naming_the_fix(http):
+    r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "tools": [WEATHER]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    assert "tool_parser" in r.json()["error"]["message"]
+    _ok(http)
+
+
+def test_responses_api_plain_and_streamed(client):
+    r = client.responses.create(model="tiny", input="Name a Python keyword.", instructions="Be terse.",
+                                max_output_tokens=8, temperature=0)
+    assert r.status == "incomplete" and r.output_text and r.usage.output_tokens == 8
+    events = list(client.responses.create(model="tiny", input="Name a Python keyword.", instructions="Be terse.",
+                                          max_output_tokens=8, temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == r.output_text == events[-1].response.output_text
+    messages = client.responses.create(model="tiny", max_output_tokens=4, input=[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}])
+    assert messages.output_text
+
+
+def test_embeddings_are_unit_vectors_and_the_same_text_embeds_the_same(client, tiny_model_path):
+    hidden = json.loads((Path(tiny_model_path) / "config.json").read_text())["hidden_size"]
+    r = client.embeddings.create(model="tiny-embed", input=["def main():", "import os", "def main():"])
+    vectors = [d.embedding for d in sorted(r.data, key=lambda d: d.index)]
+    assert len(vectors) == 3 and len(vectors[0]) == hidden  # last-token pooling of the model's hidden state
+    for v in vectors:
+        assert sum(x * x for x in v) == pytest.approx(1.0, abs=1e-3)
+    assert vectors[0] == pytest.approx(vectors[2]) and vectors[0] != pytest.approx(vectors[1])
+    assert r.usage.prompt_tokens > 0 and r.model == "tiny-embed"
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/embeddings", {"model": "tiny", "input": "x"}, "model"),
+    ("/v1/chat/completions", {"model": "tiny-embed", "messages": MESSAGES}, "model"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "logprobs": True, "top_logprob": 2}, "top_logprob"),
+    ("/v1/responses", {"model": "tiny", "input": "x", "max_output_tokens": 10**6}, "max_output_tokens"),
+    ("/v1/responses", {"model": "tiny"}, "input"),
+])
+def test_what_vllms_layer_refuses_is_a_400_naming_the_field(http, path, body, param):
+    r = http.post(path, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and param in err["message"], err
+    _ok(http)
+
+
+def test_metrics_count_what_vllms_layer_answers(client, http):
+    client.chat.completions.create(model="tiny-b", messages=MESSAGES, max_tokens=5, logprobs=True)
+    list(client.chat.completions.create(model="tiny-b", messages=MESSAGES, max_tokens=5, logprobs=True, stream=True))
+    before = _samples(http)
+    client.chat.completions.create(model="tiny-b", messages=MESSAGES, max_tokens=5, logprobs=True)
+    chunks = list(client.chat.completions.create(model="tiny-b", messages=MESSAGES, max_tokens=5, logprobs=True,
+                                                 stream=True))
+    assert all(c.usage is None for c in chunks)  # homefire asked vLLM for usage; the client did not get it
+    after = _samples(http)
+    assert after['homefire_completion_tokens_total{model="tiny-b"}'] - before['homefire_completion_tokens_total{model="tiny-b"}'] == 10
+    assert after['homefire_time_to_first_token_seconds_count{model="tiny-b"}'] - before['homefire_time_to_first_token_seconds_count{model="tiny-b"}'] == 2
+
+
+def _samples(http) -> dict[str, float]:
+    samples = {}
+    for line in http.get("/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
