@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from jinja2 import TemplateError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from homefire.errors import EngineDead, EngineError, HomefireError, InvalidRequest, ModelNotFound
@@ -87,10 +88,15 @@ class VLLMOpenAI:
                 else "a text-generation model (serve it with task: embed for /v1/embeddings)"
             raise InvalidRequest(f"model '{self.engine.cfg.name}' is {what}", param="model",
                                  code="unsupported_by_model")
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+        from vllm.exceptions import VLLMClientError
+
         try:
             request = self.types[req.route].validate_python(req.body)
         except ValidationError as err:
             raise validation_error(err) from None
+        except (ValueError, VLLMClientError) as err:  # vLLM's validators raise its own errors too
+            raise self._error(create_error_response(err)) from None
         extra = sorted((request.model_extra or {}) if isinstance(request, BaseModel) else {})
         if extra:
             raise InvalidRequest("; ".join(f"{k}: unknown field; remove it" for k in extra[:5]), param=extra[0])
@@ -164,6 +170,13 @@ class VLLMOpenAI:
             raise self.engine.dead_error() from None
         except (ValueError, VLLMClientError, NotImplementedError) as err:  # vLLM's refusals of a request
             result = create_error_response(err)
+        except (TypeError, KeyError, AttributeError, TemplateError) as err:
+            # What vLLM's renderer and the model's chat template make of a well-typed request they cannot use
+            # (content parts of unknown shape, say): the request's fault, not the server's.
+            field = {"chat": "messages", "responses": "input"}.get(route, "prompt" if route == "completion" else "input")
+            logger.info("model %s: request not renderable: %r", self.engine.cfg.name, err)
+            raise InvalidRequest(f"{field}: model '{self.engine.cfg.name}' cannot render this request "
+                                 f"({type(err).__name__}: {str(err)[:200]})", param=field) from None
         if isinstance(result, ErrorResponse):
             raise self._error(result)
         return result

@@ -4,6 +4,10 @@ that embeds), requests through the official `openai` client (and raw HTTP for ma
 from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -447,3 +451,101 @@ def _samples(http) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
     return samples
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# EleutherAI's lm-evaluation-harness against the live API, as a user runs it: `python -m lm_eval --model
+# local-completions` on the task shipped in tune/data/lm_eval/ (loglikelihood: /v1/completions with echo, logprobs and
+# token-id prompts).
+
+ROOT = Path(__file__).resolve().parents[2]
+LM_EVAL_TASK = "homefire_pydoc_cloze"
+LM_EVAL_MODEL = "tiny-b"  # the same tiny model with a 512-token context
+LM_EVAL_CONTEXT = 512  # its max_model_len, passed to lm-eval as max_length so it never sends a longer prompt
+LM_EVAL_LIMIT = 20
+
+
+def test_the_task_loads_offline_from_any_directory(tmp_path, monkeypatch):
+    """lm-eval finds the shipped task by --include_path and reads all 128 docs without the repo as cwd or a hub."""
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    task = TaskManager(include_path=str(ROOT / "tune" / "data" / "lm_eval")).load([LM_EVAL_TASK])["tasks"][LM_EVAL_TASK]
+    docs = list(task.test_docs())
+    assert len(docs) == 128 and task.OUTPUT_TYPE == "loglikelihood"
+    assert task.doc_to_text(docs[0]).endswith("refer\nto the built-in variables with")
+    assert task.doc_to_target(docs[0]) == " those"
+
+
+@pytest.fixture(scope="module")
+def lm_eval_run(cluster, tiny_model_path, tmp_path_factory) -> tuple[dict, list[dict]]:
+    """Runs lm-eval once from the repo root; returns its results JSON and its logged samples."""
+    out = tmp_path_factory.mktemp("lm-eval")
+    model_args = ",".join([
+        f"model={LM_EVAL_MODEL}",
+        f"base_url={cluster.base_url}/v1/completions",
+        "tokenizer_backend=huggingface",
+        f"tokenizer={tiny_model_path}",
+        "num_concurrent=1",
+        "max_retries=1",
+        f"max_length={LM_EVAL_CONTEXT}",
+    ])
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args,
+           "--tasks", LM_EVAL_TASK, "--include_path", "tune/data/lm_eval", "--limit", str(LM_EVAL_LIMIT),
+           "--output_path", str(out), "--log_samples"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OPENAI_API_KEY": KEY, "HF_DATASETS_CACHE": str(out / "hf-datasets")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"lm-eval exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    results = sorted(out.rglob("results_*.json"))
+    samples = sorted(out.rglob(f"samples_{LM_EVAL_TASK}_*.jsonl"))
+    assert len(results) == 1 and len(samples) == 1, f"lm-eval wrote {sorted(p.name for p in out.rglob('*'))}"
+    return json.loads(results[0].read_text()), [json.loads(line) for line in samples[0].read_text().splitlines()]
+
+
+def _response(sample: dict) -> tuple[float, bool]:
+    """The (log-likelihood, is_greedy) pair lm-eval got for one doc (its samples file logs them as strings)."""
+    ll, is_greedy = sample["resps"][0][0]
+    return float(ll), {"True": True, "False": False}[is_greedy]
+
+
+def test_lm_eval_scores_the_shipped_task_through_the_api(lm_eval_run):
+    results, samples = lm_eval_run
+    scores = results["results"][LM_EVAL_TASK]
+    assert results["n-samples"][LM_EVAL_TASK] == {"original": 128, "effective": LM_EVAL_LIMIT}
+    # perplexity = exp(-mean log-likelihood of the reference word): finite and at least 1 for any real model.
+    assert math.isfinite(scores["perplexity,none"]) and scores["perplexity,none"] >= 1.0
+    assert 0.0 <= scores["acc,none"] <= 1.0
+    # each doc scores " <reference>" after its prompt: the word with its space, as a reader would continue
+    assert [s["arguments"]["gen_args_0"]["arg_1"] for s in samples] == [" " + s["doc"]["reference"] for s in samples]
+    lls = [_response(s)[0] for s in samples]
+    assert len(lls) == LM_EVAL_LIMIT and all(math.isfinite(ll) and ll < 0 for ll in lls)
+    assert scores["perplexity,none"] == pytest.approx(math.exp(-sum(lls) / LM_EVAL_LIMIT), rel=1e-6)
+    assert scores["acc,none"] == pytest.approx(sum(_response(s)[1] for s in samples) / LM_EVAL_LIMIT)
+
+
+def test_lm_eval_loglikelihoods_are_the_models_own(lm_eval_run, tiny_model_path):
+    """Each reference word's log-likelihood (and whether it is the greedy continuation) that lm-eval got over HTTP is
+    what the checkpoint itself gives it (float32 on both sides), tokenized as lm-eval does: the context's tokens, then
+    the tail of context+word's tokens past them, no special tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, samples = lm_eval_run
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    for s in samples:
+        context, word = s["arguments"]["gen_args_0"]["arg_0"], s["arguments"]["gen_args_0"]["arg_1"]
+        stripped = context.rstrip()  # lm-eval moves the context's trailing whitespace onto the word
+        context, word = stripped, context[len(stripped):] + word
+        ctx = tok(context, add_special_tokens=False).input_ids
+        ids = ctx + tok(context + word, add_special_tokens=False).input_ids[len(ctx):]  # what lm-eval sends
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        expected = sum(logprobs[i - 1, ids[i]].item() for i in range(len(ctx), len(ids)))
+        got, is_greedy = _response(s)
+        assert got == pytest.approx(expected, abs=1e-3), (s["doc_id"], context, word)
+        greedy = all(logprobs[i - 1].argmax().item() == ids[i] for i in range(len(ctx), len(ids)))
+        assert is_greedy == greedy, s["doc_id"]

@@ -51,6 +51,7 @@ REGRESSIONS = {
 }
 COUNTS = {"homefire": collections.Counter(), "vllm": collections.Counter()}  # answers by status class
 SENT: dict[str, set] = {"homefire": set(), "vllm": set()}
+REFUSED: collections.Counter = collections.Counter()  # (path, param) of each 4xx, to see what is refused
 
 
 TOKENS = 500  # per request in the kill tests (the model's whole context)
@@ -76,6 +77,7 @@ def cluster(tiny_model_path):
     for name, counts in COUNTS.items():
         print(f"\nfuzz {name} schema: {sum(counts.values())} requests, "
               + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    print("most refused (path, param):", REFUSED.most_common(12))
     # A fuzz that never reached the engine (every request refused, say for a broken key) proves nothing.
     assert not COUNTS["homefire"] or COUNTS["homefire"]["2xx"], "no generated request was answered 200"
 
@@ -117,23 +119,26 @@ def homefire_schema(cluster):
 
 @pytest.fixture(scope="module")
 def vllm_schema(cluster):
-    """POST /v1/chat/completions and /v1/completions with vLLM's own request models as bodies."""
+    """POST /v1/chat/completions, /v1/completions and /v1/responses with vLLM's own request models as bodies."""
     from pydantic.json_schema import models_json_schema
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 
-    refs, defs = models_json_schema(
-        [(ChatCompletionRequest, "validation"), (CompletionRequest, "validation")],
-        ref_template="#/components/schemas/{model}",
-    )
+    routes = [("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest),
+              ("/v1/responses", ResponsesRequest)]
+    refs, defs = models_json_schema([(model, "validation") for _, model in routes],
+                                    ref_template="#/components/schemas/{model}")
     paths = {
         path: {"post": {
             "requestBody": {"required": True, "content": {"application/json": {"schema": refs[(model, "validation")]}}},
             "responses": {"default": {"description": "any"}},
         }}
-        for path, model in [("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest)]
+        for path, model in routes
     }
-    _steer(defs["$defs"], "ChatCompletionRequest", "CompletionRequest")
+    _steer(defs["$defs"], "ChatCompletionRequest", "CompletionRequest", "ResponsesRequest")
+    for _, model in routes:  # vLLM's models take any field (and log it); homefire refuses an unknown one by name
+        defs["$defs"][model.__name__]["additionalProperties"] = False
     return _load(_openapi(paths, defs["$defs"]), cluster)
 
 
@@ -172,6 +177,8 @@ def _send(case, counts: collections.Counter, seen: set):
     response = case.call(headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
     status = response.status_code
     counts[f"{status // 100}xx"] += 1
+    if 400 <= status < 500 and _is_openai_error(response):
+        REFUSED[case.formatted_path, response.json()["error"].get("param")] += 1
     # Not case.as_curl_command(): it masks every field whose name contains "token" (max_tokens, min_tokens).
     body = json.dumps(case.body, default=repr)
     what = f"{case.method} {case.formatted_path} {body}\n-> {status} {response.content[:2000]!r}"
