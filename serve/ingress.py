@@ -281,8 +281,10 @@ class Ingress:
             try:
                 return _REQUEST_MODELS[native_route].model_validate(data), native_route
             except ValidationError as err:
-                if self._served_natively(data) is None or not beyond_lean(err, data):
+                if not beyond_lean(err, data):
                     raise validation_error(err) from None
+                if self._served_natively(data) is None:
+                    raise self._unsupported(err, data, native_route) from None
                 return NativeRequest(native_route, data), "native"
         model = self._served_natively(data)
         if model is None:
@@ -296,6 +298,22 @@ class Ingress:
                 param="model", code="unsupported_by_engine",
             )
         return NativeRequest(native_route, data), "native"
+
+    def _unsupported(self, err: ValidationError, data: dict, route: str) -> InvalidRequest:
+        """A request beyond homefire's lean layer for a model whose engine has no OpenAI layer of its own: a field the
+        API documents (tools, logprobs ...) is named as unsupported by that engine; any other is unknown."""
+        from homefire.serve.openapi import documented_fields
+
+        model = data.get("model") if isinstance(data.get("model"), str) else ""
+        engine = self.engines.get(model.partition(":")[0], "?")
+        for e in err.errors():
+            field = str(e["loc"][0]) if e["loc"] else ""
+            if field in data and field in documented_fields(route):
+                return InvalidRequest(
+                    f"{field}: model '{model}' runs on engine {engine}, which does not support it. Fix: remove it, or "
+                    "serve the model with engine vllm", param=field, code="unsupported_by_engine",
+                )
+        return validation_error(err)
 
     def _served_natively(self, data: dict) -> str | None:
         """The request's model when its engine brings its own OpenAI layer."""

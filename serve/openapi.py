@@ -16,10 +16,91 @@ from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from homefire.serve.protocol import ChatCompletionRequest, CompletionRequest
+from homefire.serve import protocol
+
+
+# ---------------------------------------------------------------------------------- request bodies
+# homefire's lean request models, with what a model served by vLLM also takes (its own OpenAI layer answers those
+# requests: homefire.serve.engines.vllm_openai). vLLM's further extensions are accepted too; any other field is a 400.
+class FunctionDef(BaseModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="The arguments' JSON schema.")
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+_VLLM = " (models served by vLLM)"
+
+
+class ChatCompletionRequest(protocol.ChatCompletionRequest):
+    model_config = ConfigDict(extra="allow")
+    logprobs: bool | None = Field(None, description="Return each output token's logprob" + _VLLM + ".")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: this many alternatives per token.")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id -> bias added to its logit" + _VLLM + ".")
+    tools: list[Tool] | None = Field(None, description="Functions the model may call" + _VLLM + "; `tool_choice: "
+                                     "auto` needs the model's `tool_parser` in the serve config.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="`required` or a named function: the call is constrained to the tool's schema.")
+    parallel_tool_calls: bool | None = None
+
+
+class CompletionRequest(protocol.CompletionRequest):
+    model_config = ConfigDict(extra="allow")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="Text or token ids; a list of several" + _VLLM + ".")
+    logprobs: int | None = Field(None, ge=0, le=20, description="Logprobs of the N most likely tokens" + _VLLM + ".")
+    echo: bool = Field(False, description="Return the prompt with the completion (with logprobs: the prompt's "
+                       "logprobs, what lm-eval's loglikelihood tasks read)" + _VLLM + ".")
+    logit_bias: dict[str, float] | None = None
+
+
+class ResponsesRequest(BaseModel):
+    """OpenAI's Responses API (models served by vLLM; vLLM's own fields are accepted too)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    input: str | list[dict[str, Any]] = Field(description="Text, or a list of messages/items.")
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stream: bool | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    store: bool | None = Field(None, description="Accepted; responses are not stored by default (vLLM's default).")
+
+
+class EmbeddingRequest(BaseModel):
+    """Embeddings (models served by vLLM with `task: embed`)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
+def documented_fields(route: str) -> set[str]:
+    """The request fields ``/openapi.json`` documents for ``route`` ("chat" or "completion")."""
+    return set({"chat": ChatCompletionRequest, "completion": CompletionRequest}[route].model_fields)
 
 
 # ---------------------------------------------------------------------------------- response bodies
@@ -29,16 +110,24 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: dict[str, Any] = Field(description="`name` and `arguments` (a JSON string).")
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None
-    finish_reason: str = Field(description='"stop" or "length".')
+    logprobs: dict[str, Any] | None = Field(description="With `logprobs: true`: `{content: [{token, logprob, bytes, "
+                                            "top_logprobs}]}`.")
+    finish_reason: str = Field(description='"stop", "length" or "tool_calls".')
 
 
 class ChatCompletion(BaseModel):
@@ -53,11 +142,14 @@ class ChatCompletion(BaseModel):
 class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = Field(None, description="Only in each choice's first chunk.")
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, description="Tool-call deltas: id and name first, then "
+                                                    "pieces of the arguments.")
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None
 
 
@@ -73,7 +165,8 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None
+    logprobs: dict[str, Any] | None = Field(description="With `logprobs: N`: `{tokens, token_logprobs, top_logprobs, "
+                                            "text_offset}`.")
     finish_reason: str = Field(description='"stop" or "length".')
 
 
@@ -97,6 +190,35 @@ class CompletionChunk(BaseModel):
     model: str
     choices: list[CompletionChunkChoice] = Field(description="Empty in the usage chunk.")
     usage: Usage | None = Field(None, description="Only in the last chunk, with stream_options.include_usage.")
+
+
+class Response(BaseModel):
+    id: str
+    object: Literal["response"]
+    created_at: float
+    model: str
+    status: str = Field(description='"completed", "incomplete", ...')
+    output: list[dict[str, Any]] = Field(description="Output items: messages (`output_text` parts), function calls.")
+    usage: dict[str, Any] | None = Field(None, description="`input_tokens`, `output_tokens`, `total_tokens`.")
+
+
+class ResponseEvent(BaseModel):
+    type: str = Field(description="`response.created`, `response.output_text.delta`, ..., `response.completed`; "
+                      "also the SSE `event:` name.")
+    sequence_number: int | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description="The vector (base64 with `encoding_format: base64`).")
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: dict[str, int]
 
 
 class Model(BaseModel):
@@ -167,6 +289,7 @@ _EXAMPLES = {  # "Try it out" bodies for the default config's model
         "model": "demo", "messages": [{"role": "user", "content": "What is a lambda?"}], "max_tokens": 32,
     },
     CompletionRequest: {"model": "demo", "prompt": "def fibonacci(n):", "max_tokens": 32},
+    ResponsesRequest: {"model": "demo", "input": "What is a lambda?", "max_output_tokens": 32},
 }
 
 
@@ -193,6 +316,8 @@ def _operations() -> dict[tuple[str, str], _Op]:
     return {
         ("post", "/v1/chat/completions"): _Op(*chat, _GENERATE_ERRORS),
         ("post", "/v1/completions"): _Op(*text, _GENERATE_ERRORS),
+        ("post", "/v1/responses"): _Op((ResponsesRequest,), (Response,), (ResponseEvent,), _GENERATE_ERRORS),
+        ("post", "/v1/embeddings"): _Op((EmbeddingRequest,), (EmbeddingList,), (), _GENERATE_ERRORS),
         ("post", "/invocations"): _Op(*either, _GENERATE_ERRORS),
         ("post", "/score"): _Op(*either, _GENERATE_ERRORS),
         ("post", VERTEX_PREDICT_ROUTE): _Op((VertexPredictRequest,), (VertexPredictions,), (), _GENERATE_ERRORS),

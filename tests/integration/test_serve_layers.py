@@ -103,6 +103,23 @@ def test_placed_half_gpu_replicas_still_serve(client):
     assert r.usage.completion_tokens == 3
 
 
+@pytest.mark.parametrize("call, param", [
+    (lambda c: c.chat.completions.create(model="flaky", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                         tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    (lambda c: c.chat.completions.create(model="flaky", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                         logprobs=True), "logprobs"),
+    (lambda c: c.completions.create(model="flaky", prompt="x", max_tokens=2, echo=True, logprobs=1), "echo"),
+    (lambda c: c.responses.create(model="flaky", input="x"), "model"),
+    (lambda c: c.embeddings.create(model="flaky", input="x"), "model"),
+])
+def test_what_an_engine_without_its_own_openai_layer_cannot_do_is_a_400_naming_the_field(client, call, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        call(client)
+    body = err.value.body
+    assert body["param"] == param and "engine mock" in body["message"], body
+    assert client.completions.create(model="flaky", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+
+
 def test_autoscaling_adds_replicas_under_load_and_removes_them_when_idle(cluster, client):
     stop = threading.Event()
     errors: list[Exception] = []

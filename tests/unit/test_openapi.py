@@ -47,14 +47,29 @@ def test_schema_is_valid_openapi_3_1(schema):
     assert ingress.app.openapi() is schema  # built once
 
 
+def test_responses_and_embeddings_are_documented(schema):
+    components = schema["components"]["schemas"]
+    assert _body(schema, "/v1/responses") == {"$ref": "#/components/schemas/ResponsesRequest"}
+    assert _body(schema, "/v1/embeddings") == {"$ref": "#/components/schemas/EmbeddingRequest"}
+    assert set(components["ResponsesRequest"]["required"]) == {"model", "input"}
+    assert set(components["EmbeddingRequest"]["required"]) == {"model", "input"}
+    ok = schema["paths"]["/v1/responses"]["post"]["responses"]["200"]["content"]
+    assert set(ok) == {"application/json", "text/event-stream"}
+    assert schema["paths"]["/v1/embeddings"]["post"]["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/EmbeddingList"}
+
+
 def test_chat_and_completions_bodies_are_the_request_models(schema):
     components = schema["components"]["schemas"]
     assert _body(schema, "/v1/chat/completions") == {"$ref": "#/components/schemas/ChatCompletionRequest"}
     assert _body(schema, "/v1/completions") == {"$ref": "#/components/schemas/CompletionRequest"}
     chat, text = components["ChatCompletionRequest"], components["CompletionRequest"]
     assert {"messages", "max_tokens", "max_completion_tokens", "stream", "response_format"} <= set(chat["properties"])
-    assert set(chat["required"]) == {"model", "messages"} and chat["additionalProperties"] is False
-    assert {"prompt", "max_tokens", "n", "seed"} <= set(text["properties"])
+    assert set(chat["required"]) == {"model", "messages"}
+    # what vLLM's own OpenAI layer answers for a vLLM model; its further extensions too, so not additionalProperties
+    assert {"logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice", "parallel_tool_calls"} <= set(chat["properties"])
+    assert chat.get("additionalProperties") is not False
+    assert {"prompt", "max_tokens", "n", "seed", "logprobs", "echo"} <= set(text["properties"])
     assert set(text["required"]) == {"model", "prompt"}
     # $defs are hoisted: the nested models live in components and are referenced from there.
     assert chat["properties"]["messages"]["items"] == {"$ref": "#/components/schemas/ChatMessage"}

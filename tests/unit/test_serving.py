@@ -129,3 +129,25 @@ def test_explicit_null_means_the_default_and_an_empty_prompt_in_a_list_is_refuse
     with pytest.raises(InvalidRequest) as e:
         parse_request(b'{"model": "m", "prompt": [""]}', CompletionRequest)
     assert e.value.param == "prompt"
+
+
+@pytest.mark.parametrize("data, beyond", [
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 2}, True),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": []}, True),
+    ({"messages": [{"role": "user", "content": "x"}], "temprature": 0.5}, True),  # a typo: vLLM's layer names it
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 5}, False),  # a bad value stays homefire's 400
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["x"] * 100}, False),
+    ({"prompt": ["a", "b"]}, True),  # batched
+    ({"prompt": [[1, 2], [3]]}, True),
+    ({"prompt": ""}, False),
+    ({"prompt": "x", "echo": True, "logprobs": 1}, True),
+])
+def test_beyond_lean_sends_only_what_homefires_models_do_not_implement_to_the_engines_layer(data, beyond):
+    from pydantic import ValidationError
+
+    from homefire.serve.protocol import beyond_lean
+
+    model = ChatCompletionRequest if "messages" in data else CompletionRequest
+    with pytest.raises(ValidationError) as err:
+        model.model_validate({"model": "m", **data})
+    assert beyond_lean(err.value, data) is beyond
