@@ -304,8 +304,11 @@ class Ingress:
         API documents (tools, logprobs ...) is named as unsupported by that engine; any other is unknown."""
         from homefire.serve.openapi import documented_fields
 
-        model = data.get("model") if isinstance(data.get("model"), str) else ""
-        engine = self.engines.get(model.partition(":")[0], "?")
+        model = data.get("model")
+        if not isinstance(model, str) or not model:
+            return validation_error(err)
+        base, _, _ = self._route(model)  # an unknown model is a 404 first
+        engine = self.engines.get(base, "?")
         for e in err.errors():
             field = str(e["loc"][0]) if e["loc"] else ""
             if field in data and field in documented_fields(route):

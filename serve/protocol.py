@@ -96,6 +96,10 @@ class _Sampling(_Request):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = Field(None, max_length=256)
+    # OpenAI's fields that mean nothing self-hosted: accepted (clients send them), ignored.
+    store: bool | None = Field(None, description="Accepted and ignored: nothing is stored.")
+    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored.")
+    service_tier: str | None = Field(None, max_length=64, description="Accepted and ignored: one tier.")
     # vLLM's extensions, accepted the way vLLM's own server accepts them (its benchmark client sends them).
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     min_tokens: int = Field(0, ge=0, le=1_000_000)
@@ -153,6 +157,9 @@ class CompletionRequest(_Sampling):
     def token_limit(self) -> int | None:
         return self.max_tokens if self.max_tokens is not None else 16  # OpenAI's default for completions
 
+
+#: OpenAI fields that mean nothing self-hosted: accepted and ignored on every route.
+IGNORED_FIELDS = frozenset({"store", "metadata", "service_tier"})
 
 #: Routes whose requests an engine's own OpenAI layer answers (see :class:`NativeRequest`).
 NATIVE_ROUTES = ("chat", "completion", "responses", "embeddings")

@@ -23,7 +23,7 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from homefire.errors import EngineDead, EngineError, HomefireError, InvalidRequest, ModelNotFound
-from homefire.serve.protocol import NativeRequest, validation_error
+from homefire.serve.protocol import IGNORED_FIELDS, NativeRequest, validation_error
 from homefire.serve.serving import ACCEPTED, new_stats, timed
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,9 @@ class VLLMOpenAI:
             raise validation_error(err) from None
         except (ValueError, VLLMClientError) as err:  # vLLM's validators raise its own errors too
             raise self._error(create_error_response(err)) from None
-        extra = sorted((request.model_extra or {}) if isinstance(request, BaseModel) else {})
+        except (TypeError, KeyError, AttributeError) as err:  # and fail on well-typed junk
+            raise self._unusable(req.route, err) from None
+        extra = sorted(set((request.model_extra or {}) if isinstance(request, BaseModel) else {}) - IGNORED_FIELDS)
         if extra:
             raise InvalidRequest("; ".join(f"{k}: unknown field; remove it" for k in extra[:5]), param=extra[0])
         if getattr(request, "tools", None) and getattr(request, "tool_choice", None) != "none" \
@@ -171,15 +173,18 @@ class VLLMOpenAI:
         except (ValueError, VLLMClientError, NotImplementedError) as err:  # vLLM's refusals of a request
             result = create_error_response(err)
         except (TypeError, KeyError, AttributeError, TemplateError) as err:
-            # What vLLM's renderer and the model's chat template make of a well-typed request they cannot use
-            # (content parts of unknown shape, say): the request's fault, not the server's.
-            field = {"chat": "messages", "responses": "input"}.get(route, "prompt" if route == "completion" else "input")
-            logger.info("model %s: request not renderable: %r", self.engine.cfg.name, err)
-            raise InvalidRequest(f"{field}: model '{self.engine.cfg.name}' cannot render this request "
-                                 f"({type(err).__name__}: {str(err)[:200]})", param=field) from None
+            raise self._unusable(route, err) from None
         if isinstance(result, ErrorResponse):
             raise self._error(result)
         return result
+
+    def _unusable(self, route: str, err: Exception) -> InvalidRequest:
+        """What vLLM's validators, renderer and the model's chat template make of a request of the right types they
+        still cannot use (content parts of unknown shape, say): the request's fault, not the server's."""
+        field = {"chat": "messages", "completion": "prompt"}.get(route, "input")
+        logger.info("model %s: request not usable: %r", self.engine.cfg.name, err)
+        return InvalidRequest(f"{field}: model '{self.engine.cfg.name}' cannot use this request "
+                              f"({type(err).__name__}: {str(err)[:200]})", param=field)
 
     def _error(self, resp: Any) -> HomefireError:
         """vLLM's error response as the homefire error of the same status (a 5xx from a dead engine says so)."""

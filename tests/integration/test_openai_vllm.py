@@ -549,3 +549,10 @@ def test_lm_eval_loglikelihoods_are_the_models_own(lm_eval_run, tiny_model_path)
         assert got == pytest.approx(expected, abs=1e-3), (s["doc_id"], context, word)
         greedy = all(logprobs[i - 1].argmax().item() == ids[i] for i in range(len(ctx), len(ids)))
         assert is_greedy == greedy, s["doc_id"]
+
+
+def test_openai_fields_that_mean_nothing_self_hosted_are_accepted_on_both_paths(client):
+    for extra in ({}, {"logprobs": True}):  # homefire's lean path, vLLM's layer
+        r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, store=True,
+                                           metadata={"team": "a"}, service_tier="auto", user="u1", **extra)
+        assert r.usage.completion_tokens == 2

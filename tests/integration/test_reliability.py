@@ -104,7 +104,7 @@ def homefire_schema(cluster):
         "homefire.serve.openapi.document(app) before @serve.ingress(app) freezes the app"
     )
     schemas = raw["components"]["schemas"]
-    _steer(schemas, "ChatCompletionRequest", "CompletionRequest")
+    _steer(schemas, "ChatCompletionRequest", "CompletionRequest", "ResponsesRequest", "EmbeddingRequest")
     schemas["VertexPredictRequest"]["properties"]["instances"]["items"] = {"oneOf": [
         {"$ref": "#/components/schemas/ChatCompletionRequest"}, {"$ref": "#/components/schemas/CompletionRequest"},
     ]}
@@ -136,16 +136,22 @@ def vllm_schema(cluster):
         }}
         for path, model in routes
     }
+    # What vLLM itself refuses whatever the server in front: a Responses `prompt` template.
+    del defs["$defs"]["ResponsesRequest"]["properties"]["prompt"]
     _steer(defs["$defs"], "ChatCompletionRequest", "CompletionRequest", "ResponsesRequest")
     for _, model in routes:  # vLLM's models take any field (and log it); homefire refuses an unknown one by name
         defs["$defs"][model.__name__]["additionalProperties"] = False
-    return _load(_openapi(paths, defs["$defs"]), cluster)
+    # Valid requests only (the homefire schema's fuzz sends the invalid ones): is what vLLM accepts answered?
+    return _load(_openapi(paths, defs["$defs"]), cluster, mode="positive")
 
 
-def _load(raw: dict, cluster):
+def _load(raw: dict, cluster, mode: str = "all"):
     # Schema examples, then Hypothesis (positive and negative cases). Not the coverage phase: its boundary
     # values and unexpected-method probes are ~300 requests per operation, minutes on a 2-core box.
-    config = schemathesis.Config.from_dict({"phases": {"coverage": {"enabled": False}, "stateful": {"enabled": False}}})
+    config = schemathesis.Config.from_dict({
+        "phases": {"coverage": {"enabled": False}, "stateful": {"enabled": False}},
+        "generation": {"mode": mode},
+    })
     schema = schemathesis.openapi.from_dict(raw, config=config)
     schema.config.update(base_url=cluster.base_url)
     return schema
@@ -155,11 +161,15 @@ def _bounded(body) -> None:
     """Cap the tokens and choices a request asks for; everything else stays as generated."""
     if not isinstance(body, dict):
         return
-    for key, cap in (("max_tokens", MAX_TOKENS), ("max_completion_tokens", MAX_TOKENS), ("n", MAX_N + 1)):
+    for key, cap in (("max_tokens", MAX_TOKENS), ("max_completion_tokens", MAX_TOKENS), ("max_output_tokens", MAX_TOKENS),
+                     ("n", MAX_N + 1)):
         if type(body.get(key)) is int and body[key] > cap:
             body[key] = cap
-    unbounded = body.get("max_tokens") is None and body.get("max_completion_tokens") is None
-    if unbounded and ("messages" in body or "prompt" in body):
+    if "input" in body:  # the Responses API
+        if body.get("max_output_tokens") is None:
+            body["max_output_tokens"] = MAX_TOKENS
+    elif body.get("max_tokens") is None and body.get("max_completion_tokens") is None and (
+            "messages" in body or "prompt" in body):
         body["max_tokens"] = MAX_TOKENS  # absent: the rest of the context for a chat, 16 for a completion
     if isinstance(body.get("instances"), list):  # Vertex: each instance is a request
         for instance in body["instances"]:
@@ -178,7 +188,7 @@ def _send(case, counts: collections.Counter, seen: set):
     status = response.status_code
     counts[f"{status // 100}xx"] += 1
     if 400 <= status < 500 and _is_openai_error(response):
-        REFUSED[case.formatted_path, response.json()["error"].get("param")] += 1
+        REFUSED[case.formatted_path, response.json()["error"].get("param"), response.json()["error"]["message"][:70]] += 1
     # Not case.as_curl_command(): it masks every field whose name contains "token" (max_tokens, min_tokens).
     body = json.dumps(case.body, default=repr)
     what = f"{case.method} {case.formatted_path} {body}\n-> {status} {response.content[:2000]!r}"
