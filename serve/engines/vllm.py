@@ -247,7 +247,8 @@ class VLLMEngine:
             await self._engine.remove_lora(old_req.lora_int_id)
             logger.info("model %s: evicted adapter %s (max_loras %d)", self.cfg.name, old, self.cfg.max_loras)
         # A fresh id per load: vLLM keeps the old weights when an id is reused.
-        req = LoRARequest(lora_name=name, lora_int_id=self._next_lora_id, lora_path=path)
+        # Named as clients name it (`<model>:<adapter>`): vLLM's own OpenAI layer answers with this name as `model`.
+        req = LoRARequest(lora_name=f"{self.cfg.name}:{name}", lora_int_id=self._next_lora_id, lora_path=path)
         self._next_lora_id += 1
         try:
             await self._engine.add_lora(req)

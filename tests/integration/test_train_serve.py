@@ -74,6 +74,16 @@ def test_served_adapter_does_the_task_and_the_base_model_still_does_not(client, 
     assert _ask(client, "demo-tiny") != ANSWER
 
 
+def test_the_adapter_answers_on_vllms_own_layer_too(client, trained):
+    """A request homefire's lean path does not cover (logprobs) reaches vLLM's OpenAI layer with the adapter."""
+    r = client.chat.completions.create(model=trained, messages=QUESTION, temperature=0, max_tokens=24, logprobs=True)
+    assert r.choices[0].message.content == ANSWER and r.model == trained
+    assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
+    base = client.chat.completions.create(model="demo-tiny", messages=QUESTION, temperature=0, max_tokens=24,
+                                          logprobs=True)
+    assert base.choices[0].message.content != ANSWER
+
+
 def test_models_lists_the_adapter_with_its_parent(client, trained):
     models = {m.id: m for m in client.models.list().data}
     assert trained in models and models[trained].model_extra["parent"] == "demo-tiny"
