@@ -97,7 +97,7 @@ class VLLMOpenAI:
             raise validation_error(err) from None
         except (ValueError, VLLMClientError) as err:  # vLLM's validators raise its own errors too
             raise self._error(create_error_response(err)) from None
-        except (TypeError, KeyError, AttributeError) as err:  # and fail on well-typed junk
+        except (TypeError, LookupError, AttributeError) as err:  # and fail on well-typed junk
             raise self._unusable(req.route, err) from None
         extra = sorted(set((request.model_extra or {}) if isinstance(request, BaseModel) else {}) - IGNORED_FIELDS)
         if extra:
@@ -172,7 +172,7 @@ class VLLMOpenAI:
             raise self.engine.dead_error() from None
         except (ValueError, VLLMClientError, NotImplementedError) as err:  # vLLM's refusals of a request
             result = create_error_response(err)
-        except (TypeError, KeyError, AttributeError, TemplateError) as err:
+        except (TypeError, LookupError, AttributeError, TemplateError) as err:
             raise self._unusable(route, err) from None
         if isinstance(result, ErrorResponse):
             raise self._error(result)
