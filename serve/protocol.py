@@ -195,8 +195,9 @@ _NOT_LEAN = {"logprobs", "top_logprobs", "echo", "suffix"}
 
 def beyond_lean(err: ValidationError, data: dict) -> bool:
     """Whether homefire's request model refused ``data`` for asking what the lean path does not do (an OpenAI or vLLM
-    field it does not implement, logprobs, echo, batched prompts) rather than for a bad value of what it does: such a
-    request goes to the engine's own OpenAI layer where there is one (:class:`NativeRequest`); the rest stay 400s."""
+    field it does not implement, logprobs, echo, batched prompts, a message role it does not know) rather than for a bad
+    value of what it does: such a request goes to the engine's own OpenAI layer where there is one
+    (:class:`NativeRequest`); the rest stay 400s."""
     prompt = data.get("prompt")
     batched = isinstance(prompt, list) and bool(prompt) and (isinstance(prompt[0], list) or
                                                               (isinstance(prompt[0], str) and len(prompt) > 1))
@@ -204,6 +205,8 @@ def beyond_lean(err: ValidationError, data: dict) -> bool:
         loc = e["loc"]
         if e["type"] == "extra_forbidden" or (loc and loc[0] in _NOT_LEAN) or (loc and loc[0] == "prompt" and batched):
             return True
+        if len(loc) >= 3 and loc[0] == "messages" and loc[2] == "role" and e.get("input") == "function":
+            return True  # OpenAI's legacy role, for vLLM's layer; an unknown role stays a 400
     return False
 
 

@@ -137,6 +137,7 @@ def test_explicit_null_means_the_default_and_an_empty_prompt_in_a_list_is_refuse
     ({"messages": [{"role": "user", "content": "x"}], "temprature": 0.5}, True),  # a typo: vLLM's layer names it
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 5}, False),  # a bad value stays homefire's 400
     ({"messages": [{"role": "user", "content": "x"}], "stop": ["x"] * 100}, False),
+    ({"messages": [{"role": "function", "name": "f", "content": "1"}]}, True),  # OpenAI's legacy role: vLLM takes it
     ({"prompt": ["a", "b"]}, True),  # batched
     ({"prompt": [[1, 2], [3]]}, True),
     ({"prompt": ""}, False),
