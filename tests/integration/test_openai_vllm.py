@@ -405,6 +405,15 @@ def test_responses_api_plain_and_streamed(client):
     assert messages.output_text
 
 
+def test_responses_api_with_a_required_tool_returns_a_function_call(client, no_whitespace):
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER["function"]["parameters"]}
+    r = client.responses.create(model="tiny-b", input="Weather in Paris?", tools=[tool], tool_choice="required",
+                                max_output_tokens=140, extra_body={"logit_bias": no_whitespace, "seed": 0})
+    calls = [item for item in r.output if item.type == "function_call"]
+    assert calls and calls[0].name == "get_weather", r.output
+    assert _valid_weather_args(calls[0].arguments)
+
+
 def test_embeddings_are_unit_vectors_and_the_same_text_embeds_the_same(client, tiny_model_path):
     hidden = json.loads((Path(tiny_model_path) / "config.json").read_text())["hidden_size"]
     r = client.embeddings.create(model="tiny-embed", input=["def main():", "import os", "def main():"])
