@@ -99,11 +99,6 @@ def load_json_object(body: bytes) -> dict:
     return data
 
 
-def parse_request(body: bytes, model_cls: type) -> Any:
-    """JSON bytes -> validated request; InvalidRequest naming the field otherwise."""
-    return validate_request(load_json_object(body), model_cls)
-
-
 class VertexPredictRequest(BaseModel):
     """Vertex AI's prediction body; each instance is an OpenAI chat or completion request."""
 
@@ -277,7 +272,7 @@ class Ingress:
     def _parse(self, data: dict, native_route: str) -> tuple[Any, str]:
         """(request, ModelServer method). homefire's own request model where it covers the request: the lean path;
         else, for a model whose engine has its own OpenAI layer, the body as is, for that layer to validate."""
-        if native_route in ("chat", "completion"):
+        if native_route in _REQUEST_MODELS:
             try:
                 return _REQUEST_MODELS[native_route].model_validate(data), native_route
             except ValidationError as err:
@@ -285,30 +280,24 @@ class Ingress:
                     raise validation_error(err) from None
                 if self._served_natively(data) is None:
                     raise self._unsupported(err, data, native_route) from None
-                return NativeRequest(native_route, data), "native"
-        model = self._served_natively(data)
-        if model is None:
-            model = data.get("model")
-            if not isinstance(model, str) or not model:
-                raise InvalidRequest("model: field required; name one of the served models", param="model")
-            base, _, _ = self._route(model)
+        elif self._served_natively(data) is None:
+            model, engine = self._model_and_engine(data)
             raise InvalidRequest(
-                f"model '{model}' runs on engine {self.engines.get(base, '?')}, which does not serve "
-                f"/v1/{native_route}; serve the model with engine vllm for this route",
-                param="model", code="unsupported_by_engine",
+                f"model '{model}' runs on engine {engine}, which does not serve /v1/{native_route}; serve the model "
+                "with engine vllm for this route", param="model", code="unsupported_by_engine",
             )
         return NativeRequest(native_route, data), "native"
+
+    def _parse_either(self, data: dict) -> tuple[Any, str]:
+        """One OpenAI request in the body of a managed-endpoint route: chat if it has `messages`, else a completion."""
+        return self._parse(data, "chat" if "messages" in data else "completion")
 
     def _unsupported(self, err: ValidationError, data: dict, route: str) -> InvalidRequest:
         """A request beyond homefire's lean layer for a model whose engine has no OpenAI layer of its own: a field the
         API documents (tools, logprobs ...) is named as unsupported by that engine; any other is unknown."""
         from homefire.serve.openapi import documented_fields
 
-        model = data.get("model")
-        if not isinstance(model, str) or not model:
-            return validation_error(err)
-        base, _, _ = self._route(model)  # an unknown model is a 404 first
-        engine = self.engines.get(base, "?")
+        model, engine = self._model_and_engine(data)
         for e in err.errors():
             field = str(e["loc"][0]) if e["loc"] else ""
             if field in data and field in documented_fields(route):
@@ -317,6 +306,14 @@ class Ingress:
                     "serve the model with engine vllm", param=field, code="unsupported_by_engine",
                 )
         return validation_error(err)
+
+    def _model_and_engine(self, data: dict) -> tuple[str, str]:
+        """The request's served model (a 400 without one, a 404 for one not served) and its engine's kind."""
+        model = data.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("model: field required; name one of the served models", param="model")
+        base, _, _ = self._route(model)
+        return model, self.engines.get(base, "?")
 
     def _served_natively(self, data: dict) -> str | None:
         """The request's model when its engine brings its own OpenAI layer."""
@@ -590,7 +587,7 @@ class Ingress:
         """One OpenAI request in the body: chat if it has `messages`, else a text completion."""
         self._authorize(request)
         data = load_json_object(await self._read_body(request))
-        return await self._dispatch(*self._parse(data, "chat" if "messages" in data else "completion"), route)
+        return await self._dispatch(*self._parse_either(data), route)
 
     @app.get("/ping")
     async def sagemaker_ping(self) -> JSONResponse:
@@ -628,9 +625,7 @@ class Ingress:
         predictions = []
         for i, instance in enumerate(body.instances):
             try:
-                instance = {**instance, "stream": False}
-                resp = await self._dispatch(*self._parse(instance, "chat" if "messages" in instance else "completion"),
-                                            "vertex")
+                resp = await self._dispatch(*self._parse_either({**instance, "stream": False}), "vertex")
             except HomefireError as err:
                 err.param = f"instances.{i}.{err.param}" if err.param else f"instances.{i}"
                 raise

@@ -161,10 +161,6 @@ class CompletionRequest(_Sampling):
 #: OpenAI fields that mean nothing self-hosted: accepted and ignored on every route.
 IGNORED_FIELDS = frozenset({"store", "metadata", "service_tier"})
 
-#: Routes whose requests an engine's own OpenAI layer answers (see :class:`NativeRequest`).
-NATIVE_ROUTES = ("chat", "completion", "responses", "embeddings")
-
-
 @dataclass
 class NativeRequest:
     """An OpenAI request for an engine that brings its own OpenAI layer (vLLM): the decoded JSON body, validated in

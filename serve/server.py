@@ -88,10 +88,7 @@ class ModelServer:
         await self._ready.wait()
         if adapter is not None:
             await self.ensure_adapter(adapter)
-        if shape == "native":
-            if self.native_layer is None:
-                raise InvalidRequest(f"model '{self.cfg.name}' runs on engine {self.cfg.engine}, which answers only "
-                                     "the OpenAI fields homefire documents", param="model", code="unsupported_by_engine")
+        if shape == "native":  # the ingress sends these only to a model whose engine has its own OpenAI layer
             answer = self.native_layer.respond(request, adapter, self._stream_interval_s)
         elif self.cfg.task != "generate":
             raise InvalidRequest(f"model '{self.cfg.name}' is an embedding model (task: {self.cfg.task}); send it "

@@ -13,16 +13,17 @@ With :mod:`homefire.serve.engines.vllm`, the only module that imports vllm.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from jinja2 import TemplateError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from homefire.errors import EngineDead, EngineError, HomefireError, InvalidRequest, ModelNotFound
+from homefire.errors import EngineError, HomefireError, InvalidRequest, ModelNotFound
 from homefire.serve.protocol import IGNORED_FIELDS, NativeRequest, validation_error
 from homefire.serve.serving import ACCEPTED, new_stats, timed
 
@@ -88,17 +89,11 @@ class VLLMOpenAI:
                 else "a text-generation model (serve it with task: embed for /v1/embeddings)"
             raise InvalidRequest(f"model '{self.engine.cfg.name}' is {what}", param="model",
                                  code="unsupported_by_model")
-        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-        from vllm.exceptions import VLLMClientError
-
-        try:
-            request = self.types[req.route].validate_python(req.body)
-        except ValidationError as err:
-            raise validation_error(err) from None
-        except (ValueError, VLLMClientError) as err:  # vLLM's validators raise its own errors too
-            raise self._error(create_error_response(err)) from None
-        except (TypeError, LookupError, AttributeError) as err:  # and fail on well-typed junk
-            raise self._unusable(req.route, err) from None
+        with self._refusals(req.route):  # vLLM's validators raise its own errors too, and fail on well-typed junk
+            try:
+                request = self.types[req.route].validate_python(req.body)
+            except ValidationError as err:
+                raise validation_error(err) from None
         extra = sorted(set((request.model_extra or {}) if isinstance(request, BaseModel) else {}) - IGNORED_FIELDS)
         if extra:
             raise InvalidRequest("; ".join(f"{k}: unknown field; remove it" for k in extra[:5]), param=extra[0])
@@ -155,11 +150,8 @@ class VLLMOpenAI:
 
     async def _call(self, handler: Any, route: str, request: Any) -> Any:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-        from vllm.exceptions import VLLMClientError
-        from vllm.v1.engine.exceptions import EngineDeadError
 
-        try:
+        with self._refusals(route):
             if route == "chat":
                 result = await handler.create_chat_completion(request, None)
             elif route == "completion":
@@ -168,23 +160,33 @@ class VLLMOpenAI:
                 result = await handler.create_responses(request, None)
             else:
                 result = await handler(request, None)
-        except EngineDeadError:
-            raise self.engine.dead_error() from None
-        except (ValueError, VLLMClientError, NotImplementedError) as err:  # vLLM's refusals of a request
-            result = create_error_response(err)
-        except (TypeError, LookupError, AttributeError, TemplateError) as err:
-            raise self._unusable(route, err) from None
         if isinstance(result, ErrorResponse):
             raise self._error(result)
         return result
 
-    def _unusable(self, route: str, err: Exception) -> InvalidRequest:
-        """What vLLM's validators, renderer and the model's chat template make of a request of the right types they
-        still cannot use (content parts of unknown shape, say): the request's fault, not the server's."""
-        field = {"chat": "messages", "completion": "prompt"}.get(route, "input")
-        logger.info("model %s: request not usable: %r", self.engine.cfg.name, err)
-        return InvalidRequest(f"{field}: model '{self.engine.cfg.name}' cannot use this request "
-                              f"({type(err).__name__}: {str(err)[:200]})", param=field)
+    @contextlib.contextmanager
+    def _refusals(self, route: str) -> Iterator[None]:
+        """vLLM's refusals of a request, raised rather than answered, as homefire's errors. Its own errors (a
+        ``ValueError`` or ``VLLMClientError``) keep their status and field. What its validators, renderer and the
+        model's chat template raise on a request of the right types they still cannot use (content parts of unknown
+        shape, say) is the request's fault too: a 400 naming the route's input. A dead engine says so."""
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            yield
+        except HomefireError:  # homefire's own verdict (an InvalidRequest is a ValueError too)
+            raise
+        except EngineDeadError:
+            raise self.engine.dead_error() from None
+        except (ValueError, VLLMClientError, NotImplementedError) as err:
+            raise self._error(create_error_response(err)) from None
+        except (TypeError, LookupError, AttributeError, TemplateError) as err:
+            field = {"chat": "messages", "completion": "prompt"}.get(route, "input")
+            logger.info("model %s: request not usable: %r", self.engine.cfg.name, err)
+            raise InvalidRequest(f"{field}: model '{self.engine.cfg.name}' cannot use this request "
+                                 f"({type(err).__name__}: {str(err)[:200]})", param=field) from None
 
     def _error(self, resp: Any) -> HomefireError:
         """vLLM's error response as the homefire error of the same status (a 5xx from a dead engine says so)."""

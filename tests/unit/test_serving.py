@@ -10,8 +10,8 @@ import pytest
 from homefire.errors import InvalidRequest
 from homefire.serve.config import MockModelConfig
 from homefire.serve.engines.mock import MockEngine
-from homefire.serve.ingress import parse_request
-from homefire.serve.protocol import ChatCompletionRequest, CompletionRequest
+from homefire.serve.ingress import load_json_object
+from homefire.serve.protocol import ChatCompletionRequest, CompletionRequest, validate_request
 from homefire.serve.serving import ACCEPTED, OpenAIServing
 
 
@@ -97,9 +97,9 @@ def test_mid_stream_failure_becomes_an_error_event_then_done(tokenizer):
         (b'{"model": "m", "messages": [{"role": "user"}]}', "messages.0"),
     ],
 )
-def test_parse_request_names_the_field(body, param):
+def test_validate_request_names_the_field(body, param):
     with pytest.raises(InvalidRequest) as e:
-        parse_request(body, ChatCompletionRequest)
+        validate_request(load_json_object(body), ChatCompletionRequest)
     assert e.value.param == param
 
 
@@ -127,7 +127,7 @@ def test_explicit_null_means_the_default_and_an_empty_prompt_in_a_list_is_refuse
                                                 "temperature": None, "n": None, "top_p": None, "stream": None})
     assert (req.temperature, req.n, req.top_p, req.stream) == (1.0, 1, 1.0, False)
     with pytest.raises(InvalidRequest) as e:
-        parse_request(b'{"model": "m", "prompt": [""]}', CompletionRequest)
+        validate_request(load_json_object(b'{"model": "m", "prompt": [""]}'), CompletionRequest)
     assert e.value.param == "prompt"
 
 
