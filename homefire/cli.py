@@ -2,6 +2,7 @@
 
     homefire serve [CONFIG]      serve models behind an OpenAI-compatible API (default: the offline demo)
     homefire status              replicas running / starting / pending per model
+    homefire plan [CONFIG]       what a serve config needs per GPU type: memory, KV cache, TP, tokens/s, replicas, cost
     homefire train CONFIG        fine-tune (LoRA or full) on Ray Train; --serve hands the adapter to a running server
     homefire tune CONFIG         sweep quantized variants on Ray Tune; report + serve config for the best
     homefire models build|build-demo|convert|list|load
@@ -55,6 +56,34 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
                         help="the server's API key (default $HOMEFIRE_API_KEY)")
 
 
+def _plan_parser(sub: Any) -> None:
+    from homefire.serve.plan import Workload
+    from homefire.serve.specs import DEFAULT_GPUS
+
+    pl = sub.add_parser(
+        "plan", help="capacity plan of a serve config: memory, KV cache, smallest TP, tokens/s, replicas, cost",
+        description="For every vLLM model of a serve config and each GPU type: weight memory, KV-cache bytes per "
+        "token, the KV-cache tokens and concurrent requests that fit in the model's memory share, the smallest "
+        "tensor-parallel size that fits, roofline estimates of decode and prefill tokens/s, the replicas the "
+        "workload needs and their cost. A CPU model (gpus: 0) is planned against vLLM's CPU KV cache (kv_cache_gb). "
+        "Model shapes are read offline: config.json of a local directory, a registry entry or the Hugging Face "
+        "cache, else a shipped table of well-known models. Starts nothing.",
+        epilog="examples:\n  homefire plan serve/configs/default.yaml\n"
+        "  homefire plan serve/configs/llama-70b-tp.yaml --gpu h100 --gpu l4 --workload in=2000,out=300,rps=5\n"
+        "  homefire plan cfg.yaml --prices my-gpus.yaml --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pl.add_argument("config", nargs="?", help="serve YAML (default: the embedded demo config)")
+    pl.add_argument("--gpu", action="append", default=[], metavar="NAME",
+                    help="a GPU type to plan on, repeatable (default for a GPU config: "
+                    f"{', '.join(DEFAULT_GPUS)}; none for a CPU one); names from serve/data/gpus.yaml")
+    fields = ", ".join(f"{f.alias or n}: {f.description.lower().rstrip('.')}" for n, f in Workload.model_fields.items())
+    pl.add_argument("--workload", metavar="in=N,out=N,rps=R",
+                    help=f"the traffic to plan for ({fields}; default: {Workload.example()})")
+    pl.add_argument("--prices", metavar="FILE", help="a YAML of GPU prices/specs laid over the shipped table")
+    pl.add_argument("--json", action="store_true", help="print JSON")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from homefire.serve.config import ServerConfig
 
@@ -64,6 +93,7 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  homefire serve                         # offline demo models on http://127.0.0.1:8000\n"
         "  homefire serve serve/configs/gpu-fractional.yaml --host 0.0.0.0\n  homefire status\n"
+        "  homefire plan serve/configs/llama-70b-tp.yaml --gpu h100 --gpu l4   # what fits where, and its cost\n"
         "  homefire train train/configs/demo-lora.yaml --serve   # fine-tune, then serve as demo-tiny:homefire-answer\n"
         "  homefire models build-demo                    # pretrain the demo models so they answer in English",
     )
@@ -90,6 +120,8 @@ def _build_parser() -> argparse.ArgumentParser:
     st.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
     st.add_argument("--app", default=constants.SERVE_APP_NAME, help="Serve application name")
     st.add_argument("--json", action="store_true", help="print JSON")
+
+    _plan_parser(sub)
 
     t = sub.add_parser(
         "train", help="fine-tune a model (LoRA or full) on Ray Train",
@@ -184,6 +216,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config=args.config, host=args.host, port=args.port, proxy=args.proxy, address=args.address,
         num_cpus=args.num_cpus, num_gpus=args.num_gpus, detach=args.detach, verbose=args.verbose,
     ))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from homefire.serve.plan import PlanOptions, run_plan
+
+    return run_plan(PlanOptions(config=args.config, gpus=tuple(args.gpu), workload=args.workload, prices=args.prices,
+                                as_json=args.json))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -344,7 +383,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     handler: dict[str, Any] = {
-        "serve": cmd_serve, "status": cmd_status, "train": cmd_train, "distill": cmd_train, "tune": cmd_tune, "models": cmd_models,
+        "serve": cmd_serve, "status": cmd_status, "plan": cmd_plan, "train": cmd_train, "distill": cmd_train, "tune": cmd_tune, "models": cmd_models,
     }
     try:
         return handler[args.command](args)

@@ -25,7 +25,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from homefire import constants
 from homefire.errors import ConfigError, ModelNotFound
@@ -182,6 +182,14 @@ class Registry:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return entry
+
+    def open_file(self, entry: Entry, rel: str) -> IO[bytes]:
+        """Open one of ``entry``'s files for reading (binary) without fetching the others: this node's copy when it
+        has one, else the registry's (what the capacity planner reads: config.json, safetensors headers)."""
+        local = Path(entry.path) / rel
+        if self.local or local.is_file():
+            return open(local, "rb")
+        return self.fs.open(self._remote(entry.name, entry.version, "files", rel), "rb")
 
     def get(self, ref: str, fetch: bool = True) -> Entry:
         """Return the entry ``ref`` names (latest version unless ``@N``; ``base:adapter`` looks under ``base``).

@@ -1,6 +1,7 @@
 """homefire.serve: several models on Ray Serve behind one OpenAI-compatible API.
 
-``homefire.serve:build_app`` is the builder Serve config files name.
+``homefire.serve:build_app`` is the builder Serve config files name; ``plan_app`` sizes a config for GPU types
+without starting anything (``homefire plan``).
 """
 
 if __name__ != "homefire.serve":  # the folder is mapped into the homefire namespace
@@ -21,8 +22,9 @@ from homefire.serve.config import (
     VLLMModelConfig,
     model_config,
 )
+from homefire.serve.plan import Workload, plan_app
 
 __all__ = [
     "AppConfig", "AutoscalingConfig", "LlamaCppModelConfig", "MockModelConfig", "ModelConfig", "OnnxModelConfig",
-    "ServerConfig", "VLLMModelConfig", "build_app", "load_app_config", "model_config",
+    "ServerConfig", "VLLMModelConfig", "Workload", "build_app", "load_app_config", "model_config", "plan_app",
 ]

@@ -24,7 +24,19 @@ def test_there_are_shipped_configs():
 def test_every_shipped_serve_yaml_loads_and_says_how_to_run_it(path):
     text = path.read_text()
     assert text.startswith("#"), "a shipped YAML opens with a comment saying what it is"
-    assert "homefire serve" in text.split("\n\n")[0] or "serve run" in text.split("\n\n")[0]
+    opening = text.split("\n\n")[0]
+    if path.parent.name == "data":  # the capacity planner's tables: GPU specs and prices, well-known model shapes
+        from homefire.serve import specs
+
+        assert "homefire plan" in opening
+        if path.name == "gpus.yaml":
+            table = specs.load_gpus()
+            assert table.gpus and table.prices_date in opening  # prices say when they were read
+        else:
+            assert all(specs.ModelShape.from_config(c, path.name).params() > 1e9
+                       for c in specs.shipped_shapes().values())
+        return
+    assert "homefire serve" in opening or "serve run" in opening
     cfg = app_config_from_file(path)
     assert cfg.models
 

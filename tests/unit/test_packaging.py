@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import zipfile
@@ -27,6 +28,17 @@ def test_wheel_contains_and_imports_every_package(tmp_path):
     code = "import importlib; " + "; ".join(f"importlib.import_module('{p}')" for p in PACKAGES)
     code += "; import homefire.serve as s; assert s.__file__.startswith(%r)" % str(target)
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env={"PYTHONPATH": str(target)}, timeout=120)
+    # The capacity planner runs from the wheel: its GPU and model-shape tables ship as package data.
+    assert {"homefire/serve/data/gpus.yaml", "homefire/serve/data/model_shapes.yaml"} <= set(names)
+    shipped = target / "homefire" / "serve" / "configs" / "llama-70b-tp.yaml"
+    out = subprocess.run(
+        [sys.executable, "-c", f"import sys; from homefire.cli import main; sys.exit(main(['plan', {str(shipped)!r}, "
+         "'--gpu', 'h100', '--json']))"],
+        capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(target), "HOME": str(tmp_path)},
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert [r["tp"] for r in json.loads(out.stdout)["models"][0]["rows"]] == [2, 4]
 
 
 def test_import_and_help_do_not_import_heavy_dependencies():
