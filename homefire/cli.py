@@ -77,7 +77,8 @@ def _plan_parser(sub: Any) -> None:
     pl.add_argument("--gpu", action="append", default=[], metavar="NAME",
                     help="a GPU type to plan on, repeatable (default for a GPU config: "
                     f"{', '.join(DEFAULT_GPUS)}; none for a CPU one); names from serve/data/gpus.yaml")
-    fields = ", ".join(f"{f.alias or n}: {f.description.lower().rstrip('.')}" for n, f in Workload.model_fields.items())
+    fields = ", ".join(f"{f.alias or n}: {f.description.lower().rstrip('.')}"
+                       for n, f in Workload.model_fields.items())
     pl.add_argument("--workload", metavar="in=N,out=N,rps=R",
                     help=f"the traffic to plan for ({fields}; default: {Workload.example()})")
     pl.add_argument("--prices", metavar="FILE", help="a YAML of GPU prices/specs laid over the shipped table")

@@ -436,7 +436,8 @@ def format_plans(plans: list[ModelPlan], w: Workload, table: GPUTable, a: Assump
         widths = [max(len(row[i]) for row in grid) for i in range(len(header))]
         out += [("  " + "  ".join(c.ljust(wd) if i in (0, len(row) - 1) else c.rjust(wd)
                                   for i, (c, wd) in enumerate(zip(row, widths)))).rstrip() for row in grid]
-        out += [f"  {r.target} TP {r.tp}: {r.note}" for r in p.rows if r.note] + [f"  note: {n}" for n in p.notes] + [""]
+        out += [f"  {r.target if r.target == 'cpu' else f'{r.target} TP {r.tp}'}: {r.note}" for r in p.rows if r.note]
+        out += [f"  note: {n}" for n in p.notes] + [""]
     out.append(assumptions_line(a, table))
     return "\n".join(out)
 

@@ -247,7 +247,8 @@ def test_cli_plan_errors_exit_2_with_the_fix(capsys):
 
 def test_plan_imports_nothing_heavy():
     code = ("import sys\nfrom homefire.cli import main\nmain(['plan', %r, '--gpu', 'l4'])\n"
-            "heavy = [m for m in ('torch', 'vllm', 'ray', 'transformers') if m in sys.modules]\nassert not heavy, heavy\n"
+            "heavy = [m for m in ('torch', 'vllm', 'ray', 'transformers') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
             % str(ROOT / "serve/configs/llama-70b-tp.yaml"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
