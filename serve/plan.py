@@ -76,8 +76,8 @@ class Workload(StrictModel):
             e = err.errors()[0]
             key = str(e["loc"][0])
             raise ConfigError(
-                f"--workload {key}={data.get(key)!r}: {e['msg']}. Fix: {key} is {fields[key].description.lower()} "
-                f"e.g. {fix}"
+                f"--workload {key}={data.get(key)!r}: {e['msg']}. Fix: set {key} to the "
+                f"{fields[key].description.lower().rstrip('.')}, e.g. {fix}"
             ) from None
 
 
