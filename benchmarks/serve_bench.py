@@ -179,7 +179,7 @@ def serve_run_config(model_path: str, port: int) -> str:
     same model entry as the ``homefire`` server's config."""
     return (
         "# serve_bench.py: homefire's app under Ray Serve's own CLI (serve run), same model entry as `homefire`\n"
-        "proxy_location: EveryNode\n"
+        "proxy_location: Disabled\n"
         f"http_options: {{host: 127.0.0.1, port: {port}}}\n"
         "applications:\n"
         "  - name: homefire\n"

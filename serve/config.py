@@ -271,10 +271,11 @@ class ServerConfig(StrictModel):
     )
     proxy: Literal["direct", "serve", "haproxy"] = Field(
         "direct",
-        description="HTTP front when `homefire serve` starts Ray. `direct`: the ingress replica itself listens on the "
-        "API port (Ray Serve's direct ingress, throughput-optimised; one hop less: ~1.8x the streaming throughput "
-        "of `serve` on a 2-core box). `serve`: Ray Serve's Python proxy. `haproxy`: Ray Serve's HAProxy front "
-        "(its stats and metrics ports 8404/9101 listen on all interfaces).",
+        description="HTTP front when `homefire serve` starts Ray. `direct`: no Serve proxy; the ingress replica itself "
+        "listens on the API port (homefire.serve.http; one Ray hop less: ~1.8x the streaming throughput of `serve` on "
+        "a 2-core box; `serve run` takes the same path with `proxy_location: Disabled`). `serve`: Ray Serve's Python "
+        "proxy. `haproxy`: Ray Serve's HAProxy front (its stats and metrics ports 8404/9101 listen on all "
+        "interfaces).",
     )
     ingress_cpus: float = Field(0.1, gt=0, le=64, description="Logical CPUs reserved for each ingress replica.")
     ingress_replicas: int = Field(1, ge=1, le=100, description="Ingress replicas.")

@@ -40,6 +40,7 @@ from homefire.errors import (
     ServiceUnavailable,
 )
 from homefire.serve.config import ServerConfig
+from homefire.serve.http import ApiServer, bind, own_http_address
 from homefire.serve.local import LocalHandle
 from homefire.serve.metrics import ServeMetrics
 from homefire.serve.openapi import document
@@ -138,45 +139,10 @@ async def _first_item(gen, timeout_s: float, stage: str):
     return task.result()
 
 
-def _rebindable_api_port() -> None:
-    """Bind the API port with SO_REUSEADDR, so ``homefire serve`` can start again right after a stop.
-
-    Serve's direct ingress (the replica binds the API port itself) binds without it: after a stop, the server's side
-    of every connection a client still held open (keep-alive: SDKs and proxies keep them) lingers in FIN-WAIT-2 or
-    TIME-WAIT for up to a minute, the next bind fails, and the deploy fails with it ("Failed to update the deployments
-    ['ingress']", NoAvailablePortError in the controller log). SO_REUSEADDR alone, not SO_REUSEPORT: a second server
-    on a port that is really in use is still refused. Called in the ingress replica before Serve starts its server;
-    a Ray without these internals keeps its own binding (``homefire serve`` then waits for the port instead).
-    """
-    import socket
-
-    from ray.serve._private import http_util, replica
-
-    start = getattr(replica, "start_asgi_http_server", None)
-    if start is None or not hasattr(http_util, "set_socket_reuse_port") or getattr(start, "homefire", False):
-        return
-
-    def reuse_address(sock: socket.socket) -> bool:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        return True
-
-    async def start_rebindable(*args, **kwargs):
-        kwargs["enable_so_reuseport"] = True  # which now sets SO_REUSEADDR only
-        return await start(*args, **kwargs)
-
-    start_rebindable.homefire = True
-    http_util.set_socket_reuse_port = reuse_address
-    replica.start_asgi_http_server = start_rebindable
-
-
-def _binds_api_port() -> bool:
-    """Whether this replica serves HTTP itself (Serve's direct ingress, as ``homefire serve`` runs it) rather than
-    behind Serve's proxy, which is one more Ray hop (``serve run``)."""
-    try:
-        from ray.serve._private import constants as serve_constants
-    except ImportError:
-        return False
-    return bool(getattr(serve_constants, "RAY_SERVE_ENABLE_DIRECT_INGRESS", False))
+async def _servable_ready() -> None:
+    """Until Serve has registered this replica's instance, which its FastAPI routes resolve ``self`` from."""
+    while serve.get_replica_context().servable_object is None:
+        await asyncio.sleep(0.05)
 
 
 def _cancel(gen) -> None:
@@ -205,16 +171,23 @@ class Ingress:
         self.cfg = ServerConfig.model_validate(server)
         self.handles = models  # served name -> DeploymentHandle (or LocalHandle)
         self.local: LocalHandle | None = None
+        # The API's own HTTP server when Serve runs no proxy (homefire serve; serve run with proxy_location:
+        # Disabled): bound now, so a taken port fails the deploy with the fix; serving once Serve knows this replica.
+        addr = await own_http_address()
+        sock = bind(addr) if addr is not None else None
         if local is not None:
+            from homefire.serve.builders import stream_interval_s
             from homefire.serve.server import ModelServer
 
-            from homefire.serve.builders import stream_interval_s
-
             limit = local.pop("max_requests")
-            # Decided here, where it is known whether this replica binds the API port itself or sits behind
-            # Serve's proxy (`serve run`), which is a hop again.
-            interval = stream_interval_s(hop=not _binds_api_port(), override=local.pop("stream_interval_override_s"))
-            model = await ModelServer.create(**local, stream_interval_s=interval, restart_in_place=True)
+            # Behind Serve's proxy, streamed chunks cross a Ray hop again: batch them.
+            interval = stream_interval_s(hop=sock is None, override=local.pop("stream_interval_override_s"))
+            try:
+                model = await ModelServer.create(**local, stream_interval_s=interval, restart_in_place=True)
+            except BaseException:
+                if sock is not None:
+                    sock.close()
+                raise
             self.local = LocalHandle(model, limit)
             self.handles = {model.cfg.name: self.local}
         self.deployments = deployments  # deployment name -> served name
@@ -229,7 +202,15 @@ class Ingress:
         self.metrics = ServeMetrics()
         self._ongoing: dict[str, int] = {}
         self.draining = False
-        _rebindable_api_port()
+        self.http: ApiServer | None = None
+        if sock is not None:
+            self.http = ApiServer(self._serve_asgi, sock, addr)
+            self.http.start(asyncio.ensure_future(_servable_ready()))
+            logger.info("API listening on http://%s:%d", addr.host, addr.port)
+
+    async def _serve_asgi(self, scope, receive, send) -> None:
+        """The app Serve built around this instance (set after ``__init__``), for the API's own server."""
+        await self._asgi_app(scope, receive, send)
 
     # ------------------------------------------------------------------ plumbing
     def _authorize(self, request: Request) -> None:
@@ -548,6 +529,8 @@ class Ingress:
             await self.local.server.check_health()
 
     async def __del__(self):
+        if self.http is not None:
+            await self.http.stop()
         if self.local is not None:
             await self.local.server.__del__()
 

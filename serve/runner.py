@@ -102,12 +102,6 @@ def check_port(host: str, port: int) -> None:
     )
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 def local_cpus(cfg) -> float:
     """Enough logical CPUs for every initial replica plus the ingress, never less than the machine has."""
     need = cfg.server.ingress_cpus * cfg.server.ingress_replicas + 1
@@ -138,7 +132,7 @@ def serve_forever(opts: ServeOptions) -> int:
     from ray import serve
 
     stop = threading.Event()
-    serve_port = port
+    proxy_location = None  # Serve's default (a proxy on every node), or what a running cluster has
     _say(f"homefire {__version__}: starting Ray ...")
     quiet = not opts.verbose
     if quiet:  # homefire's own lines on the terminal; Ray's and the engines' go to the session's log files
@@ -152,12 +146,11 @@ def serve_forever(opts: ServeOptions) -> int:
     else:
         # Read by every Serve process at import: set before Ray starts so they all inherit it.
         if proxy == "direct":
-            # The ingress replica binds the API port itself; Serve's own proxy moves to a spare loopback port.
-            os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-            os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
-            os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 1)
-            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
-            serve_port = _free_port(host)
+            # No Serve proxy: the ingress replica serves the API port itself (homefire.serve.http), as under
+            # `serve run` with `proxy_location: Disabled`. Not RAY_SERVE_THROUGHPUT_OPTIMIZED: it runs user code on
+            # the replica's Ray loop, and the API's server with it, which measured 0.67-0.73 of bare vLLM against
+            # 0.90-0.94 on a loop of its own (benchmarks/results/serve_profile.md).
+            proxy_location = "Disabled"
         elif proxy == "haproxy":
             os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
             os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
@@ -170,7 +163,7 @@ def serve_forever(opts: ServeOptions) -> int:
     logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
     if quiet:
         _say(f"  Ray, Serve and engine logs: {logs}  (--verbose prints them here)")
-    serve.start(http_options={"host": host, "port": serve_port})
+    serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
     args = cfg.model_dump(mode="json")
     args["server"]["api_keys"] = [k.get_secret_value() for k in cfg.server.api_keys]
     names = ", ".join(m.name for m in cfg.models)
