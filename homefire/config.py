@@ -101,7 +101,8 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], source
         elif e["type"] == "missing":
             lines.append(f"  {key}: required key is missing. Fix: add '{loc[-1]}'")
         elif e["type"] == "value_error" and "fix:" in e["msg"].lower():  # our own checks already say the fix
-            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {msg}" if not loc else f"  {key}: {msg}")  # a check of the whole file names its key
         else:
             got = e.get("input")
             got_s = repr(got) if not isinstance(got, dict) else "a mapping"

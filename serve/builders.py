@@ -60,9 +60,10 @@ def resolve_model(model: AnyModelConfig, registry: Registry) -> tuple[str, str]:
 
 
 def _model_options(m: AnyModelConfig, drain_timeout_s: float) -> dict[str, Any]:
+    placement = m.placement()
     opts: dict[str, Any] = {
         "name": deployment_name(m),
-        "ray_actor_options": {"num_cpus": m.cpus, "num_gpus": m.gpus},
+        "ray_actor_options": placement.actor,
         "max_ongoing_requests": m.max_ongoing_requests,
         # Per caller (the ingress): past it, requests are refused at once (the ingress answers 503 + Retry-After).
         "max_queued_requests": m.max_queued_requests or m.max_ongoing_requests,
@@ -71,6 +72,11 @@ def _model_options(m: AnyModelConfig, drain_timeout_s: float) -> dict[str, Any]:
         # A redeploy (`serve deploy`) lets a replica finish what it holds before it stops.
         "graceful_shutdown_timeout_s": drain_timeout_s,
     }
+    if placement.bundles:
+        # Serve reserves the group per replica, before the replica starts, and removes it with the replica; a
+        # group the cluster cannot hold leaves the replica pending (homefire status reports it).
+        opts["placement_group_bundles"] = placement.bundles
+        opts["placement_group_strategy"] = placement.strategy
     if m.autoscaling is not None:
         opts["autoscaling_config"] = m.autoscaling.to_serve()
         # `num_replicas` must be "auto" or unset when autoscaling.

