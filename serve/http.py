@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 #: How long a stopping server waits for open connections (in-flight requests were drained before).
 STOP_TIMEOUT_S = 5.0
+#: How long a starting server waits for its port (a redeploy's previous ingress replica may still hold it).
+PORT_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,20 @@ def bind(addr: ListenAddress) -> socket.socket:
         ) from None
     sock.setblocking(False)
     return sock
+
+
+async def bind_when_free(addr: ListenAddress, timeout_s: float = PORT_WAIT_S) -> socket.socket:
+    """:func:`bind`, retried for up to ``timeout_s``: on a redeploy the replica that held the port is still
+    draining when its successor starts."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            return bind(addr)
+        except OSError:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.25)
 
 
 class ApiServer:

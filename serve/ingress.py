@@ -40,7 +40,7 @@ from homefire.errors import (
     ServiceUnavailable,
 )
 from homefire.serve.config import ServerConfig
-from homefire.serve.http import ApiServer, bind, own_http_address
+from homefire.serve.http import ApiServer, bind_when_free, own_http_address
 from homefire.serve.local import LocalHandle
 from homefire.serve.metrics import ServeMetrics
 from homefire.serve.openapi import document
@@ -174,7 +174,7 @@ class Ingress:
         # The API's own HTTP server when Serve runs no proxy (homefire serve; serve run with proxy_location:
         # Disabled): bound now, so a taken port fails the deploy with the fix; serving once Serve knows this replica.
         addr = await own_http_address()
-        sock = bind(addr) if addr is not None else None
+        sock = await bind_when_free(addr) if addr is not None else None
         if local is not None:
             from homefire.serve.builders import stream_interval_s
             from homefire.serve.server import ModelServer

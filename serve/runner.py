@@ -154,8 +154,9 @@ def serve_forever(opts: ServeOptions) -> int:
         elif proxy == "haproxy":
             os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
             os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-        ray.init(num_cpus=opts.num_cpus or local_cpus(cfg), num_gpus=opts.num_gpus, dashboard_host="127.0.0.1",
-                 **init)
+        # address="local": a Ray of its own, even where `ray start` left one running (--address joins that one).
+        ray.init(address="local", num_cpus=opts.num_cpus or local_cpus(cfg), num_gpus=opts.num_gpus,
+                 dashboard_host="127.0.0.1", **init)
     # After ray.init, which installs its own SIGTERM handler (sys.exit): a signal at any point from here on,
     # even while deploying, ends in a drain and an orderly stop.
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -28,19 +28,23 @@ def free_service_port() -> int:
 
 
 class ServeCluster:
-    """A local Ray with Serve on a free loopback port."""
+    """A local Ray with Serve on a free loopback port.
 
-    def __init__(self, num_cpus: float, num_gpus: float | None = None):
+    ``proxy_location="Disabled"`` is what ``homefire serve`` runs: no Serve proxy, the app's ingress replica listens
+    on the port itself (one app per port). The default keeps Serve's proxy in front (several apps by route prefix).
+    """
+
+    def __init__(self, num_cpus: float, num_gpus: float | None = None, proxy_location: str | None = None):
         import ray
         from ray import serve
 
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 logging_level="WARNING", log_to_driver=False)
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=False)
         self.port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+        serve.start(http_options={"host": "127.0.0.1", "port": self.port}, proxy_location=proxy_location)
         self.base_url = f"http://127.0.0.1:{self.port}"
 
     def deploy(self, args: dict, name: str = "homefire", wait: bool = True):

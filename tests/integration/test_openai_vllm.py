@@ -24,7 +24,8 @@ CONTEXT = 256  # the `tiny` model's context window, small so length errors are c
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_path):
-    c = ServeCluster(num_cpus=6)
+    # As `homefire serve` runs it: no Serve proxy, the ingress replica is the HTTP server (serve/http.py).
+    c = ServeCluster(num_cpus=6, proxy_location="Disabled")
     c.deploy({
         "models": [
             {"name": "tiny", "source": tiny_model_path, "max_model_len": CONTEXT},

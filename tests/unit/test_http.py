@@ -64,3 +64,23 @@ def test_a_port_another_server_listens_on_is_refused_naming_it_and_the_fix():
             bind(ListenAddress("127.0.0.1", port))
     msg = str(err.value)
     assert f"127.0.0.1:{port}" in msg and "http_options.port" in msg and "--port" in msg
+
+
+def test_a_port_freed_within_the_wait_is_taken_a_port_held_longer_is_refused():
+    from homefire.serve.http import bind_when_free
+
+    async def main(hold_s: float, wait_s: float):
+        other = socket.socket()
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        addr = ListenAddress("127.0.0.1", other.getsockname()[1])
+        asyncio.get_running_loop().call_later(hold_s, other.close)  # the previous replica exits
+        try:
+            sock = await bind_when_free(addr, wait_s)
+        finally:
+            other.close()
+        sock.close()
+
+    asyncio.run(main(hold_s=0.5, wait_s=5))
+    with pytest.raises(OSError, match="another process holds the port"):
+        asyncio.run(main(hold_s=3, wait_s=0.5))
