@@ -50,7 +50,7 @@ def _replica_placement_groups(app_name: str) -> dict[str, list[dict[str, Any]]]:
         groups.setdefault(dep, []).append({
             "state": pg["state"], "strategy": pg["strategy"],
             "bundles": [dict(b) for _, b in sorted(pg["bundles"].items())],
-            "nodes": [nodes.get(i) for i in sorted(pg["bundles"])],
+            "nodes": [nodes.get(i) or None for i in sorted(pg["bundles"])],  # "" while unplaced
         })
     return groups
 

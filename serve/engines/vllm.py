@@ -159,6 +159,17 @@ class VLLMEngine:
         if placement.backend is not None:
             kwargs.update(tensor_parallel_size=self.cfg.tp, pipeline_parallel_size=self.cfg.pipeline_parallel,
                           distributed_executor_backend=placement.backend)
+        if not on_gpu and self.cfg.pipeline_parallel > 1:
+            # vLLM 0.32's CPU worker allocates a later stage's buffer for the activations it receives only in its
+            # warm-up run, which it skips in eager mode: the first request then dies in that stage's worker
+            # (gpu_model_runner.sync_and_gather_intermediate_tensors: `assert self.intermediate_tensors is not None`;
+            # no upstream issue found). One Dynamo trace with the eager backend makes it warm up without compiling
+            # anything: the same ops, the same output as eager (tests/integration/test_parallel.py), started in
+            # ~50 s where inductor takes ~90 s.
+            from vllm.config import CompilationConfig, CompilationMode
+
+            kwargs.update(enforce_eager=False, compilation_config=CompilationConfig(
+                mode=CompilationMode.DYNAMO_TRACE_ONCE, backend="eager"))
         if self.cfg.max_loras > 0:
             # One slot more than homefire ever fills: vLLM's CPU LoRA ops index "no adapter" (-1) as the last
             # slot, so in a batch mixing base and adapter requests the base ones would get that slot's adapter.
