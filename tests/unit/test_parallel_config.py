@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from homefire.config import validate_config
-from homefire.errors import ConfigError
+from homefire.errors import ConfigError, EngineError
 from homefire.serve.builders import _model_options
 from homefire.serve.config import AppConfig
 
@@ -169,3 +169,16 @@ def test_plan_shows_the_configured_tensor_parallel_row():
         ("cpu", 4, "gpus: 0"), ("h100", 1, "smallest TP"), ("h100", 4, "tensor_parallel: 4")]
     cpu = plan.rows[0]
     assert cpu.kv_bytes_per_token_per_gpu == plan.kv_bytes_per_token // 4  # each CPU worker holds 2 of 8 KV heads
+
+
+# ------------------------------------------------------------------ CPU workers' cores
+def test_cpu_workers_get_contiguous_groups_of_the_replicas_cores(monkeypatch):
+    from homefire.serve.engines import vllm
+
+    monkeypatch.setattr(vllm.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    assert vllm.cpu_threads_bind(2) == "0,1|2,3"  # one core left over goes to no worker, as vLLM's own reserve
+    assert vllm.cpu_threads_bind(4) == "0|1|2|3"
+    monkeypatch.setattr(vllm.os, "sched_getaffinity", lambda pid: {3})
+    with pytest.raises(EngineError) as e:
+        vllm.cpu_threads_bind(2, "m")
+    assert "2 CPU workers need a core each" in str(e.value) and "VLLM_CPU_OMP_THREADS_BIND" in str(e.value)
