@@ -71,9 +71,12 @@ def error_response(err: HomefireError) -> JSONResponse:
     return JSONResponse(err.to_openai(), status_code=err.status, headers=headers)
 
 
+_DONE_EVENT = "data: [DONE]\n\n"
+
+
 def error_event(err: HomefireError) -> str:
     """The same error as a server-sent event, for failures after a stream has started."""
-    return f"data: {json.dumps(err.to_openai())}\n\ndata: [DONE]\n\n"
+    return f"data: {json.dumps(err.to_openai())}\n\n{_DONE_EVENT}"
 
 
 @app.exception_handler(HomefireError)
@@ -406,12 +409,19 @@ class Ingress:
             self.metrics.e2e.labels(model).observe(time.perf_counter() - started)
 
     async def _relay(self, first: str, gen, model: str, route: str, started: float) -> AsyncIterator[str]:
-        status = 200
+        # The stream's last event ([DONE]) waits for the replica's stats, which follow it: a client that reads
+        # /metrics as soon as its stream ends finds the request and its tokens counted.
+        status, tail = 200, ""
         try:
-            yield first
+            if first.endswith(_DONE_EVENT):
+                tail = first
+            else:
+                yield first
             async for item in gen:
                 if isinstance(item, dict):
                     self.metrics.observe_stats(model, item)
+                elif item.endswith(_DONE_EVENT):
+                    tail = item
                 else:
                     yield item
         except (asyncio.CancelledError, GeneratorExit):  # client went away: stop the replica's work too
@@ -421,9 +431,11 @@ class Ingress:
             status = 500
             herr = self._as_homefire(err, model)
             self.metrics.errors.labels(model, herr.type).inc()
-            yield error_event(herr)
+            tail = error_event(herr)
         finally:
             self._done(model, route, started, status)
+        if tail:
+            yield tail
 
     # ------------------------------------------------------------------ routes
     @app.post("/v1/chat/completions")

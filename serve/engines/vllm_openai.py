@@ -137,7 +137,15 @@ class VLLMOpenAI:
         result = await self._call(handler, route, request)
         if isinstance(result, AsyncIterator):
             sse = _sse_events if route == "responses" else _sse_text
+            started = False
             async for chunk in sse(result, stats, forced_usage):
+                if not started and chunk.startswith('data: {"error"'):
+                    # vLLM refuses some requests only once its stream runs (an empty prompt in a batch): before
+                    # anything was sent that is still the request's own status, not a 200 carrying an error.
+                    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+                    raise self._error(ErrorResponse.model_validate_json(chunk[6:]))
+                started = True
                 yield chunk
             return
         if route == "embeddings":  # a Starlette response
