@@ -1,15 +1,15 @@
 """Tensor parallelism on this machine: the same model served by ``homefire serve`` with tensor_parallel 1 and 2,
 output tok/s side by side, in one run.
 
-    python benchmarks/parallel_bench.py                       # tp1, tp1-all-cores, tp2; concurrency 1, 32; 32 prompts
-    python benchmarks/parallel_bench.py --variants tp1,tp2 --concurrency 8 --num-prompts 16 --repeats 1
+    python benchmarks/parallel_bench.py                       # tp1, tp2; concurrency 1, 32; 32 prompts; 2 repeats
+    python benchmarks/parallel_bench.py --variants tp1,tp1-all-cores,tp2 --concurrency 8 --num-prompts 16 --repeats 1
 
 Variants (one runs at a time, each through every concurrency, then the next):
 
 * ``tp1``: one vLLM worker, vLLM's own CPU thread binding (``VLLM_CPU_OMP_THREADS_BIND=auto``: the worker takes a
   NUMA node's cores less the ones vLLM reserves for its scheduler, one core on a 2-core box);
-* ``tp1-all-cores``: one worker bound to every core (``VLLM_CPU_OMP_THREADS_BIND=0-N``), the fairest single-worker
-  baseline for the same cores;
+* ``tp1-all-cores``: one worker whose OpenMP pool takes every core (``VLLM_CPU_OMP_THREADS_BIND=0-N``), which it
+  then shares with vLLM's scheduler and the API process;
 * ``tp2``: ``tensor_parallel: 2``: two workers (vLLM's mp executor, shared-memory all-reduce), homefire splitting the
   cores between them ("0|1" on 2 cores).
 
@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve_bench as sb  # noqa: E402  (benchmarks/ is scripts, not a package)
 
 VARIANTS = ("tp1", "tp1-all-cores", "tp2")
+DEFAULT_VARIANTS = ("tp1", "tp2")
 
 
 def log(msg: str) -> None:
@@ -60,10 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="parallel_bench.py", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description=__doc__)
     p.add_argument("--variants", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
-                   default=list(VARIANTS), help=f"comma-separated, in run order (default: {','.join(VARIANTS)})")
+                   default=list(DEFAULT_VARIANTS),
+                   help=f"comma-separated, in run order, of {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--concurrency", type=sb._csv_ints, default=[1, 32], help="--max-concurrency values (1,32)")
     p.add_argument("--num-prompts", type=int, default=32, help="requests per measurement (default: 32)")
-    p.add_argument("--repeats", type=sb._int_at_least(1), default=1, help="measurements per point; median (1)")
+    p.add_argument("--repeats", type=sb._int_at_least(1), default=2, help="measurements per point; median (2)")
     p.add_argument("--model", default=None, help="model directory (default: the offline demo model, 4 heads)")
     p.add_argument("--label", default=None, help="goes into the output file name")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -119,11 +121,15 @@ def main(argv: list[str] | None = None) -> int:
                         r = sb.run_client(srv, client, c, args.model, raw_dir, log_dir, stem, i)
                         runs.append(r)
                         log(f"{name}: concurrency {c}, run {i}: {sb._fmt(r['output_throughput'])} tok/s, p50 TTFT "
-                            f"{sb._fmt(r['p50_ttft_ms'])} ms, p50 TPOT {sb._fmt(r['p50_tpot_ms'])} ms")
+                            f"{sb._fmt(r['p50_ttft_ms'])} ms, p50 TPOT {sb._fmt(r['p50_tpot_ms'])} ms (1-min load "
+                            f"before: {r['load_avg_1m_before']})")
                     entry["results"][str(c)] = sb.summarize_runs(runs)
             except (RuntimeError, TimeoutError, OSError) as err:
                 entry["error"] = str(err)
                 log(f"{name}: error: {err}")
+            except KeyboardInterrupt:
+                entry["error"] = "interrupted"
+                break
             finally:
                 sb.stop_server(srv, marker)
                 if srv.memory is not None:
