@@ -26,7 +26,7 @@ from homefire.errors import ConfigError
 from homefire.registry import Registry
 from homefire.serve.config import AppConfig, VLLMModelConfig
 from homefire.serve.specs import (
-    DEFAULT_GPUS, GPUSpec, GPUTable, ModelShape, load_gpus, pick_gpus, resolve_shape, tp_divides,
+    DEFAULT_GPUS, GPUSpec, GPUTable, ModelShape, cpu_dtype_for, load_gpus, pick_gpus, resolve_shape, tp_divides,
 )
 
 GIB = 1 << 30
@@ -110,21 +110,12 @@ class EngineSettings:
     max_num_batched_tokens: int
 
 
-def _cpu_dtype(shape: ModelShape) -> str:
-    """What ``homefire.serve.engines.vllm.cpu_dtype`` picks, without torch: float32, except compressed-tensors
-    checkpoints with 4-bit weights, or int8 activations on a CPU with AMX (bfloat16)."""
-    quant = shape.quantization or {}
-    if quant.get("quant_method") != "compressed-tensors":
-        return "float32"
-    groups = list((quant.get("config_groups") or {}).values())
-    if any((g.get("weights") or {}).get("num_bits") == 4 for g in groups):
-        return "bfloat16"
-    int8 = any((g.get("input_activations") or {}).get("num_bits") == 8 for g in groups)
+def _has_amx() -> bool:
+    """torch's AMX check (what vLLM's CPU build asks), read from the kernel without importing torch."""
     try:
-        amx = "amx_tile" in Path("/proc/cpuinfo").read_text()
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
     except OSError:
-        amx = False
-    return "bfloat16" if int8 and amx else "float32"
+        return False
 
 
 def engine_settings(m: VLLMModelConfig, shape: ModelShape, on_gpu: bool) -> EngineSettings:
@@ -133,7 +124,7 @@ def engine_settings(m: VLLMModelConfig, shape: ModelShape, on_gpu: bool) -> Engi
     if m.dtype != "auto":
         dtype = m.dtype
     elif not on_gpu:
-        dtype = _cpu_dtype(shape)
+        dtype = cpu_dtype_for(shape.quantization, _has_amx)
     else:  # vLLM on CUDA: the checkpoint's 16-bit dtype; a float32 checkpoint is cast to bfloat16
         dtype = shape.torch_dtype if shape.torch_dtype in ("bfloat16", "float16") else "bfloat16"
     kv = str(ea.get("kv_cache_dtype", "auto"))

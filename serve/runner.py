@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -47,14 +46,14 @@ def _say(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- ports
 def port_in_use(host: str, port: int) -> bool:
-    """True when ``host:port`` cannot be bound the way the API server binds it (SO_REUSEADDR: a previous run's
-    closing connections do not count, a listener does)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
+    """True when ``host:port`` cannot be bound the way the API server binds it (:func:`homefire.serve.http.bind`,
+    SO_REUSEADDR: a previous run's closing connections do not count, a listener does)."""
+    from homefire.serve.http import ListenAddress, bind
+
+    try:
+        bind(ListenAddress(host, port)).close()
+    except OSError:
+        return True
     return False
 
 

@@ -131,6 +131,24 @@ class ModelShape:
         return self.formula_params() * dtype_bytes
 
 
+def cpu_dtype_for(quantization: dict[str, Any] | None, has_amx: Callable[[], bool]) -> str:
+    """The dtype vLLM's CPU build runs a checkpoint in when the config says ``auto``, from its
+    ``quantization_config``.
+
+    float32 (exact, and vLLM CPU's fastest path for small models), except for compressed-tensors checkpoints whose
+    CPU kernels take 16-bit activations only: W4A16 (``cpu_gemm_wna16``), and W8A8 on CPUs with AMX (``has_amx``,
+    asked only then), where vLLM picks its AMX int8 GEMM (elsewhere W8A8 runs on oneDNN, which takes float32).
+    """
+    quant = quantization or {}
+    if quant.get("quant_method") != "compressed-tensors":
+        return "float32"
+    groups = list((quant.get("config_groups") or {}).values())
+    if any((g.get("weights") or {}).get("num_bits") == 4 for g in groups):
+        return "bfloat16"
+    int8_activations = any((g.get("input_activations") or {}).get("num_bits") == 8 for g in groups)
+    return "bfloat16" if int8_activations and has_amx() else "float32"
+
+
 def tp_divides(shape: ModelShape, tp: int) -> bool:
     """vLLM's condition for tensor parallelism: TP divides the attention heads, and the KV heads divide by it (or it
     by them: vLLM then replicates each KV head on TP / KV-heads workers)."""

@@ -30,28 +30,20 @@ def cuda_available() -> bool:
 
 
 def cpu_dtype(model_path: str) -> str:
-    """The dtype vLLM's CPU build runs ``model_path`` in when the config says ``auto``.
-
-    float32 (exact, and vLLM CPU's fastest path for small models), except for compressed-tensors checkpoints whose
-    CPU kernels take 16-bit activations only: W4A16 (``cpu_gemm_wna16``), and W8A8 on CPUs with AMX, where vLLM picks
-    its AMX int8 GEMM (elsewhere W8A8 runs on oneDNN, which takes float32).
-    """
+    """The dtype vLLM's CPU build runs ``model_path`` in when the config says ``auto`` (the rule:
+    :func:`homefire.serve.specs.cpu_dtype_for`)."""
     import json
     from pathlib import Path
 
     import torch
 
+    from homefire.serve.specs import cpu_dtype_for
+
     try:
-        quant = json.loads((Path(model_path) / "config.json").read_text()).get("quantization_config") or {}
+        quant = json.loads((Path(model_path) / "config.json").read_text()).get("quantization_config")
     except (OSError, ValueError):
         return "float32"
-    if quant.get("quant_method") != "compressed-tensors":
-        return "float32"
-    groups = list((quant.get("config_groups") or {}).values())
-    if any((g.get("weights") or {}).get("num_bits") == 4 for g in groups):
-        return "bfloat16"
-    int8_activations = any((g.get("input_activations") or {}).get("num_bits") == 8 for g in groups)
-    return "bfloat16" if int8_activations and torch.cpu._is_amx_tile_supported() else "float32"
+    return cpu_dtype_for(quant, torch.cpu._is_amx_tile_supported)
 
 
 def _invalid(err: Exception, sampling: SamplingSpec) -> InvalidRequest:
