@@ -60,6 +60,8 @@ def resolve_model(model: AnyModelConfig, registry: Registry) -> tuple[str, str]:
 
 
 def _model_options(m: AnyModelConfig, drain_timeout_s: float) -> dict[str, Any]:
+    from homefire.serve.routing import router_config
+
     placement = m.placement()
     opts: dict[str, Any] = {
         "name": deployment_name(m),
@@ -71,6 +73,8 @@ def _model_options(m: AnyModelConfig, drain_timeout_s: float) -> dict[str, Any]:
         "health_check_timeout_s": 30,
         # A redeploy (`serve deploy`) lets a replica finish what it holds before it stops.
         "graceful_shutdown_timeout_s": drain_timeout_s,
+        # homefire's routers (the model's `routing`), which also hand the replicas' engine stats to /v1/status.
+        "request_router_config": router_config(m.routing),
     }
     if placement.bundles:
         # Serve reserves the group per replica, before the replica starts, and removes it with the replica; a
@@ -143,6 +147,7 @@ def _ingress_with_model(cfg: AppConfig, server: dict[str, Any], registry: Regist
     path, base_ref = resolve_model(m, registry)
     opts = _model_options(m, cfg.server.drain_timeout_s)
     del opts["max_queued_requests"]
+    del opts["request_router_config"]  # Serve's proxy routes raw HTTP here, if anything does: no prompt to read
     # Named as the model's deployment (status, readiness and `homefire status` show the model); admission is the
     # ingress's own (LocalHandle), so Serve's router never holds a request back.
     opts["max_ongoing_requests"] = 10_000

@@ -105,6 +105,14 @@ class _ModelBase(ModelSpec):
     health_check_period_s: float = Field(
         2.0, gt=0, le=600, description="How often Serve asks a replica whether its engine is healthy.",
     )
+    routing: Literal["power_of_two", "prefix_affinity", "session"] = Field(
+        "power_of_two",
+        description="How requests pick one of the model's replicas. `power_of_two`: the shorter queue of two random "
+        "replicas. `prefix_affinity`: the replica that served the longest common prompt prefix (shared system "
+        "prompts, few-shot preambles, conversations), so its engine's prefix cache skips that prefill; it yields "
+        "to the least loaded replica when the match is short or that replica is 4+ requests busier. `session`: "
+        "requests with the same OpenAI `user` field stay on one replica (others as prefix_affinity).",
+    )
     task: Literal["generate", "embed"] = Field(
         "generate",
         description="`generate`: chat, completions and the Responses API. `embed` (engine vllm): `/v1/embeddings`; "
@@ -464,6 +472,12 @@ class AppConfig(StrictModel):
                 "models are configured; fix: set server.ingress: separate (or auto)"
             )
         m = self.models[0]
+        if m.routing != "power_of_two" and (m.autoscaling is not None or (m.replicas or 1) != 1):
+            raise ValueError(
+                f"model '{m.name}' asks for routing '{m.routing}', which needs the prompt, but with server.ingress "
+                "'with_model' Serve's proxy picks the replica from the raw HTTP request; fix: set server.ingress: "
+                "separate (or auto)"
+            )
         if self.server.proxy == "direct" and (m.autoscaling is not None or (m.replicas or 1) != 1):
             raise ValueError(
                 f"server.ingress 'with_model' with proxy 'direct' serves the API from one replica, but model "
