@@ -550,8 +550,17 @@ class Ingress:
     async def status(self, request: Request) -> dict:
         from homefire.serve.status import app_status
 
+        from homefire.serve.routing import replica_stats
+
         self._authorize(request)
-        return await asyncio.to_thread(app_status, serve.get_replica_context().app_name, self.deployments)
+        st = await asyncio.to_thread(app_status, serve.get_replica_context().app_name, self.deployments)
+        for name, dep in st["deployments"].items():
+            # Each replica's engine (KV-cache use, queue, prefix-cache hits) as this ingress's router last heard it.
+            if (replicas := replica_stats(name)) is not None:
+                dep["replicas"] = replicas
+            elif self.local is not None and dep["model"] == self.local.server.cfg.name:
+                dep["replicas"] = [{"replica": "local", **self.local.server.record_routing_stats()}]
+        return st
 
     @app.get("/metrics")
     async def metrics(self, request: Request) -> Response:

@@ -23,6 +23,7 @@ cache hits, queue) for ``GET /v1/status`` (:func:`replica_stats`).
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from collections import OrderedDict
 from typing import Any, Literal
@@ -45,6 +46,11 @@ PREFIX_BLOCK_CHARS = 128
 #: Blocks remembered per replica (LRU): 65,536 x 128 chars = 8 M characters, ~2 M tokens, more than a replica's KV
 #: cache usually holds; ~6 MiB of table.
 PREFIX_TABLE_BLOCKS = 65_536
+
+#: How often Serve asks each replica for its engine stats (``HOMEFIRE_ROUTING_STATS_PERIOD_S``, read when the app
+#: is built). Each answer that changes goes out to every handle and proxy (Serve's long poll), so not every
+#: second: /v1/status is at most this stale.
+STATS_PERIOD_S = 5.0
 
 _MAX_PENDING = 4096
 
@@ -236,8 +242,10 @@ def _rendezvous(key: str, replica: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{key}\0{replica}".encode(), digest_size=8).digest(), "big")
 
 
-def router_config(routing: Routing, stats_period_s: float = 2.0) -> dict[str, Any]:
+def router_config(routing: Routing, stats_period_s: float | None = None) -> dict[str, Any]:
     """The deployment's ``request_router_config`` for a model's ``routing``."""
+    if stats_period_s is None:
+        stats_period_s = float(os.environ.get("HOMEFIRE_ROUTING_STATS_PERIOD_S") or STATS_PERIOD_S)
     cls = {"power_of_two": "PowerOfTwoRouter", "prefix_affinity": "PrefixAffinityRouter",
            "session": "PrefixAffinityRouter"}[routing]
     return {

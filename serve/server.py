@@ -233,6 +233,11 @@ class ModelServer:
             "stats": self.engine.stats(),
         }
 
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's controller polls this every ``request_routing_stats_period_s`` and hands it to the callers'
+        routers (:mod:`homefire.serve.routing`), which show it per replica in ``GET /v1/status``."""
+        return {"restarting": True} if self.restarting else self.engine.stats()
+
     async def load_adapter(self, name: str) -> dict[str, Any]:
         self._adapter_checked.pop(name, None)  # an explicit load always looks for a newer version
         ref = await self.ensure_adapter(name)
@@ -249,5 +254,6 @@ class ModelServer:
 
     async def __del__(self):
         self._stopping = True
-        self._watchdog.cancel()
+        if (watchdog := getattr(self, "_watchdog", None)) is not None:  # an engine that never started has none
+            watchdog.cancel()
         await self.engine.shutdown()
