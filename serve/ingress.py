@@ -548,14 +548,13 @@ class Ingress:
 
     @app.get("/v1/status")
     async def status(self, request: Request) -> dict:
-        from homefire.serve.status import app_status
-
         from homefire.serve.routing import replica_stats
+        from homefire.serve.status import app_status
 
         self._authorize(request)
         st = await asyncio.to_thread(app_status, serve.get_replica_context().app_name, self.deployments)
         for name, dep in st["deployments"].items():
-            # Each replica's engine (KV-cache use, queue, prefix-cache hits) as this ingress's router last heard it.
+            # Each replica's engine stats as this ingress's router last heard them (every STATS_PERIOD_S).
             if (replicas := replica_stats(name)) is not None:
                 dep["replicas"] = replicas
             elif self.local is not None and dep["model"] == self.local.server.cfg.name:

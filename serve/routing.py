@@ -16,8 +16,9 @@ as homefire parsed it (:func:`request_text`):
   (rendezvous hashing: replicas coming and going move only their own sessions; every ingress replica agrees);
   without ``user``, ``prefix_affinity``.
 
-Every router also keeps the replicas' engine stats (``ModelServer.record_routing_stats``: KV-cache use, prefix
-cache hits, queue) for ``GET /v1/status`` (:func:`replica_stats`).
+Every router also keeps the replicas' engine stats (``ModelServer.record_routing_stats``, the engine's ``stats()``:
+its queue today; vLLM's KV-cache use and prefix-cache hits are still to come) for ``GET /v1/status``
+(:func:`replica_stats`).
 """
 
 from __future__ import annotations

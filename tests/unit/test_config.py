@@ -162,6 +162,8 @@ def test_one_model_on_one_replica_is_served_with_its_ingress_and_anything_else_s
     ([{"name": "a", "source": "d", "replicas": 2}], {}, "fix: set server.proxy: serve"),
     ([{"name": "a", "source": "d", "autoscaling": {"min_replicas": 0, "max_replicas": 2}}], {"proxy": "serve"},
      "cannot scale model 'a' to zero"),
+    ([{"name": "a", "source": "d", "replicas": 2, "routing": "prefix_affinity"}], {"proxy": "serve"},
+     "asks for routing 'prefix_affinity', which needs the prompt"),
 ])
 def test_ingress_with_model_that_cannot_work_names_the_key_and_the_fix(models, server, expected):
     with pytest.raises(ConfigError) as err:
