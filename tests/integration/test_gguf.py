@@ -437,8 +437,9 @@ def test_abandoned_request_frees_its_slot_within_a_token(loop, engines):
 
     decoded, final = run(loop, abandon())
     assert engine.stats() == {"unfinished_requests": 0, "slots": 1, "slots_free": 1}
-    # The worker stopped at once (a token in flight at most), not 400 tokens later.
-    assert len(prompt) + 3 <= decoded <= final <= decoded + 2
+    # The worker stopped at once (a token in flight at most), not 400 tokens later. A token is emitted before it is
+    # evaluated into the slot's context, so when the reader holds 3 the context holds the prompt and at least 2.
+    assert len(prompt) + 2 <= decoded <= final <= decoded + 2
     text, finish, _ = run(loop, collect(engine, prompt, SamplingSpec(max_tokens=4, temperature=0.0)))
     assert finish[0] in ("stop", "length")
 

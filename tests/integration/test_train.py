@@ -143,7 +143,7 @@ def _registered_steps(run_dir: Path) -> list[int]:
 
 
 def test_killed_worker_resumes_from_last_checkpoint_and_ends_like_an_uninterrupted_run(ray_cluster, tmp_path, big_data):
-    over = {"optim.max_steps": 120, "checkpoint.every_n_steps": 10}  # an epoch is 144 steps: every kill is mid-epoch
+    over = {"optim.max_steps": 60, "checkpoint.every_n_steps": 10}  # an epoch is 144 steps: every kill is mid-epoch
     clean = run_training(_cfg(tmp_path / "clean", "answer-clean", big_data, **over))
     assert not clean.resumes
 
@@ -155,7 +155,7 @@ def test_killed_worker_resumes_from_last_checkpoint_and_ends_like_an_uninterrupt
     while not _registered_steps(run_dir) and time.time() < deadline:
         time.sleep(0.02)
     before = _registered_steps(run_dir)
-    assert before and max(before) < 120, before
+    assert before and max(before) < 60, before
     pids = _workers(ray_cluster)
     assert len(pids) == 2
     os.kill(pids[-1], signal.SIGKILL)
@@ -163,11 +163,11 @@ def test_killed_worker_resumes_from_last_checkpoint_and_ends_like_an_uninterrupt
     t.join(600)
     report = out["report"]
 
-    assert report.status == "finished" and report.steps == 120
+    assert report.status == "finished" and report.steps == 60
     assert len(report.resumes) == 1 and report.resumes[0]["from_step"] in {max(before), max(after)}, (report.resumes, before, after)
     resumed = report.resumes[0]["from_step"]
     steps_logged = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert max(steps_logged) == 120 and steps_logged.count(resumed + 1) == 2  # replayed after the kill
+    assert max(steps_logged) == 60 and steps_logged.count(resumed + 1) == 2  # replayed after the kill
     assert report.final_loss == pytest.approx(clean.final_loss, rel=1e-4, abs=1e-5)
     assert report.eval_after["eval_loss"] == pytest.approx(clean.eval_after["eval_loss"], rel=1e-4, abs=1e-5)
 
