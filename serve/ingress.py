@@ -193,6 +193,12 @@ class Ingress:
                 raise
             self.local = LocalHandle(model, limit)
             self.handles = {model.cfg.name: self.local}
+        else:
+            # Serve builds a handle's router on its first request; build them now, so each router hears its
+            # replicas' engine stats from the start (GET /v1/status shows them before any traffic).
+            for h in self.handles.values():
+                if not h.is_initialized:
+                    h._init()
         self.deployments = deployments  # deployment name -> served name
         self.engines = dict(engines or {})
         self.native = {name for name, kind in self.engines.items() if engine_class(kind).capabilities.native_openai}

@@ -17,8 +17,9 @@ as homefire parsed it (:func:`request_text`):
   without ``user``, ``prefix_affinity``.
 
 Every router also keeps the replicas' engine stats (``ModelServer.record_routing_stats``, the engine's ``stats()``:
-its queue today; vLLM's KV-cache use and prefix-cache hits are still to come) for ``GET /v1/status``
-(:func:`replica_stats`).
+its queue; for vLLM also KV-cache use and prefix-cache queries and hits, from its scheduler) for ``GET /v1/status``
+(:func:`replica_stats`). tests/integration/test_routing.py checks ``prefix_affinity`` against those counters;
+benchmarks/routing_bench.py measures it against ``power_of_two``.
 """
 
 from __future__ import annotations
@@ -139,8 +140,12 @@ class _StatsMixin:
     """Registers the router for :func:`replica_stats`."""
 
     def _register(self) -> None:
+        # Through the module as imported here: Serve may hand this class to the replica pickled by value, with
+        # globals of its own (a ``_ROUTERS`` that :func:`replica_stats` would never see).
+        import homefire.serve.routing as here
+
         if self._deployment_id is not None:
-            _ROUTERS[self._deployment_id.name] = self
+            here._ROUTERS[self._deployment_id.name] = self
 
     def replica_stats(self) -> list[dict[str, Any]]:
         return [{"replica": rid.unique_id, **(r.routing_stats or {})} for rid, r in self.curr_replicas.items()]

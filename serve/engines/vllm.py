@@ -99,6 +99,55 @@ def _config_in_placement_group(args: Any) -> Any:
     return config
 
 
+class EngineStats:
+    """What vLLM's scheduler last reported for one engine: KV-cache use and queue lengths as of its latest step,
+    prefix-cache queries and hits (tokens) summed since start. Read by the replica's routing stats
+    (:meth:`VLLMEngine.stats`, shown per replica in ``GET /v1/status``).
+
+    vLLM hands its scheduler's stats to the stat loggers of an ``AsyncLLM`` (``stat_loggers=``), in the replica's own
+    process; :meth:`logger_factory` makes one that writes here.
+    """
+
+    def __init__(self) -> None:
+        self.kv_cache_usage = 0.0
+        self.running = self.waiting = 0
+        self.prefix_queries = self.prefix_hits = 0
+
+    def observe(self, scheduler_stats: Any) -> None:
+        self.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+        self.running, self.waiting = scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs
+        prefix = scheduler_stats.prefix_cache_stats  # this step's, not cumulative
+        if prefix is not None:
+            self.prefix_queries += prefix.queries
+            self.prefix_hits += prefix.hits
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kv_cache_usage": round(self.kv_cache_usage, 4), "running": self.running, "waiting": self.waiting,
+            "prefix_cache_queries": self.prefix_queries, "prefix_cache_hits": self.prefix_hits,
+            "prefix_cache_hit_rate": round(self.prefix_hits / self.prefix_queries, 4) if self.prefix_queries else None,
+        }
+
+    def logger_factory(self) -> Any:
+        """A ``StatLoggerBase`` class whose instances feed this object (vLLM builds one per engine core)."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        stats = self
+
+        class _Logger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0):
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                if scheduler_stats is not None:
+                    stats.observe(scheduler_stats)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Logger
+
+
 class VLLMEngine:
     """vLLM's ``AsyncLLM`` behind the homefire engine protocol."""
 
@@ -113,6 +162,7 @@ class VLLMEngine:
         self._engine = None
         self._adapters: OrderedDict[str, Any] = OrderedDict()  # least recently used first
         self._next_lora_id = 1
+        self.engine_stats = EngineStats()
 
     def _engine_args(self):
         from vllm import AsyncEngineArgs
@@ -174,11 +224,15 @@ class VLLMEngine:
 
         args = self.engine_args = self._engine_args()
         self.tokenizer = HFTokenizer(self.model_path, self.cfg.trust_remote_code, name=self.cfg.name)
+        # Fresh per engine: one replacing a dead engine starts its counters at zero. With a logger of its own, vLLM
+        # keeps its scheduler's stats on (and adds its Prometheus logger) but prints no periodic stats lines.
+        self.engine_stats = EngineStats()
+        loggers = [self.engine_stats.logger_factory()]
         if self.cfg.placement().backend == "ray":
             build = lambda: AsyncLLM.from_vllm_config(  # noqa: E731
-                _config_in_placement_group(args), disable_log_stats=args.disable_log_stats)
+                _config_in_placement_group(args), disable_log_stats=args.disable_log_stats, stat_loggers=loggers)
         else:
-            build = lambda: AsyncLLM.from_engine_args(args)  # noqa: E731
+            build = lambda: AsyncLLM.from_engine_args(args, stat_loggers=loggers)  # noqa: E731
         try:
             # Building the engine blocks (it spawns and waits for the engine-core process): keep the loop free.
             self._engine = await asyncio.wait_for(asyncio.to_thread(build), timeout_s)
@@ -335,7 +389,7 @@ class VLLMEngine:
     def stats(self) -> dict[str, Any]:
         if self._engine is None:
             return {}
-        return {"unfinished_requests": self._engine.get_num_unfinished_requests()}
+        return {"unfinished_requests": self._engine.get_num_unfinished_requests(), **self.engine_stats.as_dict()}
 
     async def shutdown(self) -> None:
         engine, self._engine = self._engine, None

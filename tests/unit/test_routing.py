@@ -70,3 +70,46 @@ def test_router_config_names_an_importable_router_serve_accepts(routing, cls, kw
     assert cfg["request_routing_stats_period_s"] == 0.5
     assert issubclass(import_attr(cfg["request_router_class"]), RequestRouter)
     RequestRouterConfig(**cfg)  # Serve's own validation
+
+
+def test_vllm_engine_stats_sum_the_schedulers_prefix_counters_and_keep_its_latest_gauges():
+    from vllm.v1.metrics.stats import PrefixCacheStats, SchedulerStats
+
+    from homefire.serve.engines.vllm import EngineStats
+
+    stats = EngineStats()
+    assert stats.as_dict()["prefix_cache_hit_rate"] is None  # nothing asked yet: no rate, not 0
+    logger = stats.logger_factory()(vllm_config=None, engine_index=0)  # as vLLM builds it, per engine core
+    logger.record(SchedulerStats(num_running_reqs=3, num_waiting_reqs=1, kv_cache_usage=0.25,
+                                 prefix_cache_stats=PrefixCacheStats(requests=1, queries=190, hits=0)), None)
+    logger.record(None, None)  # a step without scheduler stats changes nothing
+    logger.record(SchedulerStats(num_running_reqs=1, kv_cache_usage=0.125,
+                                 prefix_cache_stats=PrefixCacheStats(requests=1, queries=190, hits=160)), None)
+    assert stats.as_dict() == {"kv_cache_usage": 0.125, "running": 1, "waiting": 0, "prefix_cache_queries": 380,
+                               "prefix_cache_hits": 160, "prefix_cache_hit_rate": 0.4211}
+
+
+def test_routers_register_where_status_looks_even_when_pickled_by_value():
+    """Serve may ship the router class to the ingress pickled by value (rebuilt in that process with globals of its
+    own): the router must still land in the module's table that GET /v1/status reads."""
+    import subprocess
+    import sys
+
+    from ray import cloudpickle
+
+    import homefire.serve.routing as routing
+
+    cloudpickle.register_pickle_by_value(routing)
+    try:
+        blob = cloudpickle.dumps(routing.PowerOfTwoRouter)
+    finally:
+        cloudpickle.unregister_pickle_by_value(routing)
+    check = (
+        "import sys; from types import SimpleNamespace; from ray import cloudpickle; "
+        "import homefire.serve.routing as routing; cls = cloudpickle.loads(sys.stdin.buffer.read()); "
+        "assert cls is not routing.PowerOfTwoRouter; r = cls.__new__(cls); "
+        "r._deployment_id = SimpleNamespace(name='model-x'); r._replicas = {}; r._register(); "
+        "print(routing.replica_stats('model-x'))"
+    )
+    out = subprocess.run([sys.executable, "-c", check], input=blob, capture_output=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.decode().strip() == "[]", out.stderr.decode()[-2000:]
