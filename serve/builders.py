@@ -12,6 +12,8 @@ Example (a Serve config)::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -89,6 +91,22 @@ def _model_options(m: AnyModelConfig, drain_timeout_s: float) -> dict[str, Any]:
     return opts
 
 
+def code_version(init: tuple[Any, ...]) -> str:
+    """A model deployment's version for Serve: what its replicas are built from (homefire's version and the
+    arguments of its ModelServer), less the model's ``routing``, which the callers' routers apply.
+
+    Serve restarts a deployment's replicas on a redeploy only when this, their resources or their placement
+    change; a new ``routing``, ``replicas`` or autoscaling bound is applied to the running replicas (their engines
+    stay up). Without one Serve draws a random version at every ``serve.run``, restarting every engine.
+    """
+    from homefire import __version__
+
+    cfg, *rest = init
+    cfg = {k: v for k, v in cfg.items() if k not in ("routing", "replicas", "autoscaling")}
+    blob = json.dumps([__version__, cfg, *rest], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def build_app(args: dict[str, Any] | None = None):
     """Build the homefire Serve application.
 
@@ -119,9 +137,12 @@ def build_app(args: dict[str, Any] | None = None):
     handles, deployments, optional = {}, {}, []
     for m in cfg.models:
         path, base_ref = resolve_model(m, registry)
+        init = (m.model_dump(mode="json"), path, stream_interval_s(hop=True), registry.uri, base_ref)
         dep = serve.deployment(ModelServer).options(**_model_options(m, cfg.server.drain_timeout_s))
-        handles[m.name] = dep.bind(m.model_dump(mode="json"), path, stream_interval_s(hop=True), registry.uri,
-                                   base_ref)
+        # Serve 2.60 takes no `version` option any more but still deploys `_version` when set (serve.run's client;
+        # a `serve deploy` config gets its version from the config instead).
+        dep._version = code_version(init)
+        handles[m.name] = dep.bind(*init)
         deployments[deployment_name(m)] = m.name
         if m.autoscaling is not None and m.autoscaling.min_replicas == 0:
             optional.append(m.name)  # scaled to zero by design: readiness does not wait for it

@@ -113,3 +113,16 @@ def test_routers_register_where_status_looks_even_when_pickled_by_value():
     )
     out = subprocess.run([sys.executable, "-c", check], input=blob, capture_output=True, timeout=120)
     assert out.returncode == 0 and out.stdout.decode().strip() == "[]", out.stderr.decode()[-2000:]
+
+
+def test_a_new_routing_or_replica_count_keeps_the_replicas_and_anything_else_restarts_them():
+    from homefire.serve.builders import code_version
+    from homefire.serve.config import model_config
+
+    def version(**over):
+        m = model_config({"name": "m", "source": "demo-tiny", **over})
+        return code_version((m.model_dump(mode="json"), "/models/m", 0.05, "file:///reg", "demo-tiny@1"))
+
+    base = version()
+    assert version(routing="prefix_affinity") == version(replicas=3) == base
+    assert version(max_model_len=256) != base and version(engine_args={"block_size": 32}) != base
