@@ -91,6 +91,79 @@ def _model_options(m: AnyModelConfig, drain_timeout_s: float) -> dict[str, Any]:
     return opts
 
 
+#: Where ``ray up`` leaves the cluster's config on the head node (the autoscaler reads its node types there).
+BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
+
+
+def node_types_from_cluster_config(path: str | Path) -> dict[str, dict[str, float]]:
+    """``{node type: resources}`` of a Ray cluster config (``available_node_types``; those that may have nodes)."""
+    cfg = load_yaml(Path(path).expanduser())
+    return {name: {k: float(v) for k, v in (t.get("resources") or {}).items()}
+            for name, t in (cfg.get("available_node_types") or {}).items()
+            if t.get("max_workers", 1) != 0 or name == cfg.get("head_node_type")}
+
+
+def node_types() -> dict[str, dict[str, float]] | None:
+    """The node types this Ray cluster may have, ``{name: resources}``, with each live node's resources too: from
+    the node types Ray's autoscaler keeps in the GCS (autoscaler v2, KubeRay), else from the cluster config ``ray
+    up`` left on the head (``HOMEFIRE_CLUSTER_CONFIG`` names another). None where Ray is not connected or no node
+    types are known (a local Ray, a cluster started by hand: new nodes may join it, so nothing is ruled out)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    types: dict[str, dict[str, float]] = {}
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001  (a private API: if it moves, the file below or nothing)
+        config = None
+    if config is not None:
+        types = {g.name: dict(g.resources) for g in config.node_group_configs if g.max_count != 0}
+    path = Path(os.environ.get("HOMEFIRE_CLUSTER_CONFIG") or BOOTSTRAP_CONFIG).expanduser()
+    if not types and path.is_file():
+        try:
+            types = node_types_from_cluster_config(path)
+        except (ConfigError, OSError, AttributeError):
+            types = {}
+    if not types:
+        return None
+    for node in ray.nodes():
+        if node.get("Alive"):
+            types.setdefault(f"node {node['NodeManagerAddress']}", dict(node.get("Resources", {})))
+    return types
+
+
+def check_fits_node_types(cfg: AppConfig, types: dict[str, dict[str, float]] | None) -> None:
+    """Refuse a model whose replica needs more GPUs on one node than any node type of the cluster has.
+
+    Raises:
+        ConfigError: naming ``models.<i>.tensor_parallel`` (or ``gpus``), the node types and the fix.
+    """
+    if not types:
+        return
+    most = max(t.get("GPU", 0.0) for t in types.values())
+    for i, m in enumerate(cfg.models):
+        placement = m.placement()
+        bundles = placement.bundles or [{"GPU": placement.actor.get("num_gpus", 0)}]
+        need = max(b.get("GPU", 0.0) for b in bundles)
+        if need <= most or need == 0:
+            continue
+        if need < 1:
+            need = 1.0  # a GPU fraction still needs a node with a GPU
+            if most >= 1:
+                continue
+        key = "tensor_parallel" if getattr(m, "workers", 1) > 1 else "gpus"
+        listed = ", ".join(f"{n}: {t.get('GPU', 0):g}" for n, t in sorted(types.items()))
+        raise ConfigError(
+            f"models.{i}.{key}: a replica of '{m.name}' needs {need:g} GPUs on one node, but no node type of this "
+            f"cluster has that many (GPUs per node: {listed}). Fix: lower tensor_parallel (or gpus); or split the "
+            "replica across nodes with pipeline_parallel and placement_strategy: PACK; or add a node type with "
+            f"{need:g} GPUs to the cluster config (cluster/*.yaml)"
+        )
+
+
 def code_version(init: tuple[Any, ...]) -> str:
     """A model deployment's version for Serve: what its replicas are built from (homefire's version and the
     arguments of its ModelServer), less the model's ``routing``, which the callers' routers apply.
@@ -126,6 +199,7 @@ def build_app(args: dict[str, Any] | None = None):
     from homefire.serve.server import ModelServer
 
     cfg = load_app_config(args)
+    check_fits_node_types(cfg, node_types())
     registry = Registry(cfg.registry) if cfg.registry else Registry()
     server = cfg.server.model_dump(mode="json")
     # Keys live in the environment of whoever builds the app; hand them to the ingress without writing them to disk.

@@ -125,3 +125,21 @@ def test_placed_parallel_replicas_serve(cluster):
     assert client.completions.create(model="spread", prompt="hi", max_tokens=3).usage.completion_tokens == 3
     second = openai.OpenAI(base_url=cluster.base_url + "/second/v1", api_key="unused", max_retries=0, timeout=60)
     assert second.completions.create(model="pp2", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_with_the_clusters_node_types_known_a_replica_none_can_hold_is_refused_at_load(cluster, monkeypatch):
+    """The same 4-GPU replica, on a cluster whose config names its node types (``ray up`` leaves it on the head;
+    here aws-minimal's, 1 GPU at most, besides the two live 2-GPU nodes): refused before anything deploys."""
+    from pathlib import Path
+
+    from homefire.errors import ConfigError
+    from homefire.serve import build_app
+
+    monkeypatch.setenv("HOMEFIRE_CLUSTER_CONFIG", str(Path(__file__).parents[2] / "cluster" / "aws-minimal.yaml"))
+    with pytest.raises(ConfigError) as err:
+        build_app({"models": [_mock("four", gpus=4, tensor_parallel=2, pipeline_parallel=2,
+                                    placement_strategy="STRICT_PACK")]})
+    msg = str(err.value)
+    assert msg.startswith("models.0.tensor_parallel: a replica of 'four' needs 4 GPUs on one node"), msg
+    assert "gpu_a10g_1x: 1" in msg and ": 2" in msg, msg  # the config's node types and the live nodes
+    build_app({"models": [_mock("two", gpus=2, tensor_parallel=2)]})  # a live node holds 2

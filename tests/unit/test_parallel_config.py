@@ -182,3 +182,32 @@ def test_cpu_workers_get_contiguous_groups_of_the_replicas_cores(monkeypatch):
     with pytest.raises(EngineError) as e:
         vllm.cpu_threads_bind(2, "m")
     assert "2 CPU workers need a core each" in str(e.value) and "VLLM_CPU_OMP_THREADS_BIND" in str(e.value)
+
+
+# ------------------------------------------------------------------ against the cluster's node types
+ONE_GPU_NODES = {"head": {"CPU": 8}, "gpu-1x": {"CPU": 8, "GPU": 1}}
+
+
+def _fits(types, **kw) -> None:
+    from homefire.serve.builders import check_fits_node_types
+
+    cfg = validate_config(AppConfig, {"models": [{"name": "big", "source": "demo-tiny", **kw}]}, "t.yaml")
+    check_fits_node_types(cfg, types)
+
+
+def test_a_replica_needing_more_gpus_on_one_node_than_any_node_type_has_is_refused_naming_the_types():
+    _fits({**ONE_GPU_NODES, "gpu-2x": {"CPU": 16, "GPU": 2}}, gpus=2, tensor_parallel=2)
+    with pytest.raises(ConfigError) as e:
+        _fits(ONE_GPU_NODES, gpus=2, tensor_parallel=2)
+    msg = str(e.value)
+    assert msg.startswith("models.0.tensor_parallel:") and "needs 2 GPUs on one node" in msg
+    assert "gpu-1x: 1" in msg and "pipeline_parallel" in msg and "PACK" in msg and "cluster/*.yaml" in msg
+
+
+def test_across_nodes_each_worker_needs_one_gpu_and_unknown_node_types_rule_nothing_out():
+    _fits(ONE_GPU_NODES, gpus=2, pipeline_parallel=2, placement_strategy="PACK")  # one GPU per bundle
+    with pytest.raises(ConfigError) as e:
+        _fits({"cpu-only": {"CPU": 16}}, gpus=0.5)
+    assert str(e.value).startswith("models.0.gpus:") and "needs 1 GPUs" in str(e.value)
+    _fits(None, gpus=2, tensor_parallel=2)  # a local Ray or a hand-started cluster: Serve reports it pending
+    _fits({"cpu-only": {"CPU": 16}}, gpus=0)
