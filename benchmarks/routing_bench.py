@@ -2,7 +2,7 @@
 document each, a different question after it, as RAG and few-shot traffic does), routed by ``power_of_two`` and then
 by ``prefix_affinity``, in one run.
 
-    python benchmarks/routing_bench.py                          # 8 documents x 4 questions, concurrency 1 and 4
+    python benchmarks/routing_bench.py                          # 12 documents x 4 questions, concurrency 1 and 4
     python benchmarks/routing_bench.py --docs 16 --doc-tokens 480 --kv-blocks 96 --concurrency 1,8
 
 Each variant starts as a user would (``homefire serve CONFIG``: the ``demo`` model, ``replicas: 2``, the variant's
@@ -146,11 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__)
     p.add_argument("--variants", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
                    default=list(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)} (default: both)")
-    p.add_argument("--docs", type=int, default=8, help="documents (shared prefixes), default 8")
+    p.add_argument("--docs", type=int, default=12, help="documents (shared prefixes), default 12")
     p.add_argument("--rounds", type=int, default=4, help="questions per document, default 4")
     p.add_argument("--doc-tokens", type=int, default=320, help="tokens per document, default 320 (10 blocks)")
-    p.add_argument("--kv-blocks", type=int, default=64,
-                   help="KV-cache blocks per replica (32 tokens each), default 64: about half the documents")
+    p.add_argument("--kv-blocks", type=int, default=72,
+                   help="KV-cache blocks per replica (32 tokens each), default 72: about half the documents")
     p.add_argument("--concurrency", type=sb._csv_ints, default=[1, 4], help="requests in flight (1,4)")
     p.add_argument("--model", default=None, help="model directory (default: the offline demo model)")
     p.add_argument("--max-model-len", type=int, default=1024, help="the model's context in the config (1024)")

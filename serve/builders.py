@@ -166,7 +166,8 @@ def check_fits_node_types(cfg: AppConfig, types: dict[str, dict[str, float]] | N
 
 def code_version(init: tuple[Any, ...]) -> str:
     """A model deployment's version for Serve: what its replicas are built from (homefire's version and the
-    arguments of its ModelServer), less the model's ``routing``, which the callers' routers apply.
+    arguments of its ModelServer), less what Serve applies to running replicas: the model's ``routing`` (the
+    callers' routers), ``replicas`` and ``autoscaling``.
 
     Serve restarts a deployment's replicas on a redeploy only when this, their resources or their placement
     change; a new ``routing``, ``replicas`` or autoscaling bound is applied to the running replicas (their engines
