@@ -104,10 +104,16 @@ def documented_fields(route: str) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------- response bodies
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens the engine found in its prefix cache (not recomputed).")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = Field(
+        None, description="Where the engine reports it (vLLM): how much of the prompt came from its prefix cache.")
 
 
 class ToolCall(BaseModel):

@@ -154,6 +154,7 @@ class OpenAIServing:
         )
         async for d in stream:
             st["completion_tokens"] += d.num_tokens
+            st["cached_tokens"] = d.cached_tokens
             finish = "null" if d.finish_reason is None else f'"{d.finish_reason}"'
             delta = f'{{"content":{_dumps(d.text)}}}' if d.text or d.finish_reason is None else "{}"
             yield f'{opening}{head}{{"index":{d.index},"delta":{delta},"finish_reason":{finish}}}]}}\n\n'
@@ -165,6 +166,7 @@ class OpenAIServing:
         head = f'data: {{"id":"{rid}","object":"text_completion","created":{created},"model":{_dumps(req.model)},"choices":['
         async for d in stream:
             st["completion_tokens"] += d.num_tokens
+            st["cached_tokens"] = d.cached_tokens
             finish = "null" if d.finish_reason is None else f'"{d.finish_reason}"'
             yield f'{head}{{"index":{d.index},"text":{_dumps(d.text)},"logprobs":null,"finish_reason":{finish}}}]}}\n\n'
         yield self._usage_tail(req, rid, created, "text_completion", st)
@@ -174,23 +176,24 @@ class OpenAIServing:
         if req.stream_options is not None and req.stream_options.include_usage:
             tail = _sse({
                 "id": rid, "object": obj, "created": created, "model": req.model, "choices": [],
-                "usage": _usage(st["prompt_tokens"], st["completion_tokens"]),
+                "usage": _usage(st["prompt_tokens"], st["completion_tokens"], st["cached_tokens"]),
             })
         return tail + _DONE
 
-    async def _collect(self, stream: AsyncIterator[Delta], n: int) -> tuple[list[list[str]], list[str | None], int]:
+    async def _collect(self, stream: AsyncIterator[Delta], n: int, st: dict) -> tuple[list[list[str]], list[str | None], int]:
         texts: list[list[str]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
         tokens = 0
         async for d in stream:
             texts[d.index].append(d.text)
             tokens += d.num_tokens
+            st["cached_tokens"] = d.cached_tokens
             if d.finish_reason is not None:
                 finish[d.index] = d.finish_reason
         return texts, finish, tokens
 
     async def _chat_full(self, req, rid, stream, st: dict):
-        texts, finish, tokens = await self._collect(stream, req.n)
+        texts, finish, tokens = await self._collect(stream, req.n, st)
         st["completion_tokens"] = tokens
         yield _dumps({
             "id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model,
@@ -199,11 +202,11 @@ class OpenAIServing:
                  "finish_reason": finish[i] or "stop"}
                 for i, t in enumerate(texts)
             ],
-            "usage": _usage(st["prompt_tokens"], tokens),
+            "usage": _usage(st["prompt_tokens"], tokens, st["cached_tokens"]),
         })
 
     async def _text_full(self, req, rid, stream, st: dict):
-        texts, finish, tokens = await self._collect(stream, req.n)
+        texts, finish, tokens = await self._collect(stream, req.n, st)
         st["completion_tokens"] = tokens
         yield _dumps({
             "id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model,
@@ -211,7 +214,7 @@ class OpenAIServing:
                 {"index": i, "text": "".join(t), "logprobs": None, "finish_reason": finish[i] or "stop"}
                 for i, t in enumerate(texts)
             ],
-            "usage": _usage(st["prompt_tokens"], tokens),
+            "usage": _usage(st["prompt_tokens"], tokens, st["cached_tokens"]),
         })
 
 
@@ -300,8 +303,12 @@ def _error_event(err: BaseException) -> str:
 
 
 def new_stats(prompt_len: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt_len, "completion_tokens": 0, "ttft_s": None, "itl_s": []}
+    return {"prompt_tokens": prompt_len, "completion_tokens": 0, "cached_tokens": None, "ttft_s": None, "itl_s": []}
 
 
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int | None = None) -> dict:
+    """OpenAI's usage object; ``prompt_tokens_details.cached_tokens`` where the engine reports its prefix cache."""
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if cached is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage

@@ -102,6 +102,8 @@ class Delta:
     text: str
     num_tokens: int
     finish_reason: str | None = None
+    #: Prompt tokens the engine found in its prefix cache (the request's, on every delta); None: not reported.
+    cached_tokens: int | None = None
 
 
 @dataclass(frozen=True)

@@ -283,7 +283,7 @@ class VLLMEngine:
         try:
             async for out in self._engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id, lora_request=lora):
                 for o in out.outputs:
-                    yield Delta(o.index, o.text, len(o.token_ids), o.finish_reason)
+                    yield Delta(o.index, o.text, len(o.token_ids), o.finish_reason, out.num_cached_tokens)
             finished = True
         except VLLMClientError as err:  # refused when the request was added: nothing was generated
             finished = True

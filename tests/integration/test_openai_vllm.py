@@ -91,6 +91,22 @@ def test_chat_stream_with_usage_matches_non_stream(client):
     assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
 
 
+def test_usage_counts_the_prompt_tokens_vllm_found_in_its_prefix_cache(client, tokenizer):
+    words = "harbor quartz ember willow onyx juniper".split()
+    text = "Cache me:"
+    while len(tokenizer.encode(text)) < 200:  # more than one of vLLM's 128-token CPU blocks, within the 256 context
+        text += " " + words[len(text) % len(words)]
+    n = len(tokenizer.encode(text))
+    first = client.completions.create(model="tiny", prompt=text, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens == n and first.usage.prompt_tokens_details.cached_tokens == 0
+    again = list(client.completions.create(model="tiny", prompt=text, max_tokens=2, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}))
+    # Whole blocks only, and never the last prompt token (vLLM computes it for the first output's logits).
+    assert again[-1].usage.prompt_tokens_details.cached_tokens == (n - 1) // 128 * 128 >= 128, again[-1].usage
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": text}], max_tokens=2)
+    assert chat.usage.prompt_tokens_details.cached_tokens >= 0  # the chat template moves the prefix: reported, 0 or more
+
+
 def test_stream_without_include_usage_sends_no_usage(client):
     chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, stream=True))
     assert all(c.usage is None for c in chunks) and all(c.choices for c in chunks)
