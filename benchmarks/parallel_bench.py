@@ -60,7 +60,7 @@ def variant_config(name: str, model_path: str) -> tuple[str, dict[str, str]]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="parallel_bench.py", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description=__doc__)
-    p.add_argument("--variants", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
+    p.add_argument("--variants", type=sb.csv_choices(VARIANTS, "variant"),
                    default=list(DEFAULT_VARIANTS),
                    help=f"comma-separated, in run order, of {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--concurrency", type=sb._csv_ints, default=[1, 32], help="--max-concurrency values (1,32)")
@@ -74,9 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.model is None:
         from homefire.models.build import ensure_model
 

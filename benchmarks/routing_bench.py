@@ -144,7 +144,7 @@ def variant_config(routing: str, model_path: str, kv_blocks: int, max_model_len:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="routing_bench.py", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description=__doc__)
-    p.add_argument("--variants", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
+    p.add_argument("--variants", type=sb.csv_choices(VARIANTS, "variant"),
                    default=list(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)} (default: both)")
     p.add_argument("--docs", type=int, default=12, help="documents (shared prefixes), default 12")
     p.add_argument("--rounds", type=int, default=4, help="questions per document, default 4")
@@ -159,27 +159,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def measure(srv: sb.Server, items: list[tuple[int, str]], token_lists: list[list[int]], concurrency: int,
-            round_size: int) -> dict[str, Any]:
-    """One pass of the workload through a fresh pair of caches; the hit rate over every round but the first."""
+def measure(base_url: str, model: str, items: list[tuple[int, str]], token_lists: list[list[int]],
+            concurrency: int, round_size: int) -> dict[str, Any]:
+    """One pass of ``items`` (their token ids ``token_lists``) through ``model``'s replicas: prompt tokens, the
+    replicas' prefix-cache queries and hits over the pass (each replica's and in all), the ideal, and p50 TTFT of
+    the first round (``round_size`` requests) and of the later ones."""
     import httpx
 
-    base = f"http://127.0.0.1:{srv.port}"
-    status = lambda: httpx.get(f"{base}/v1/status", timeout=10).json()  # noqa: E731
-    before = prefix_counters(status(), sb.SERVED_NAME)
+    status = lambda: httpx.get(f"{base_url}/v1/status", timeout=10).json()  # noqa: E731
+    before = prefix_counters(status(), model)
     t0 = time.perf_counter()
-    ttfts = run_workload(base, sb.SERVED_NAME, items, concurrency)
+    ttfts = run_workload(base_url, model, items, concurrency)
     wall = time.perf_counter() - t0
     queries = sum(len(t) for t in token_lists)
-    after = wait_for_counters(status, sb.SERVED_NAME, sum(q for q, _ in before.values()) + queries)
+    after = wait_for_counters(status, model, sum(q for q, _ in before.values()) + queries)
     delta = counters_delta(before, after)
-    q, h = sum(v[0] for v in delta.values()), sum(v[1] for v in delta.values())
-    later = ttfts[round_size:]
+    q, h, ideal = sum(v[0] for v in delta.values()), sum(v[1] for v in delta.values()), ideal_hits(token_lists)
+    first, later = ttfts[:round_size], ttfts[round_size:]
     return {
-        "requests": len(items), "prompt_tokens": queries, "prefix_queries": q, "prefix_hits": h,
-        "hit_rate": round(h / q, 4) if q else None, "ideal_hit_rate": round(ideal_hits(token_lists) / queries, 4),
+        "requests": len(items), "prompt_tokens": queries, "prefix_queries": q, "prefix_hits": h, "ideal_hits": ideal,
+        "hit_rate": round(h / q, 4) if q else None, "ideal_hit_rate": round(ideal / queries, 4),
         "per_replica": {r: {"queries": a, "hits": b} for r, (a, b) in delta.items()},
         "p50_ttft_ms": round(1000 * statistics.median(ttfts), 2),
+        "p50_ttft_first_round_ms": round(1000 * statistics.median(first), 2),
         "p50_ttft_later_rounds_ms": round(1000 * statistics.median(later), 2) if later else None,
         "requests_per_s": round(len(items) / wall, 3),
     }
@@ -187,9 +189,6 @@ def measure(srv: sb.Server, items: list[tuple[int, str]], token_lists: list[list
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     from transformers import AutoTokenizer
 
     if args.model is None:
@@ -228,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                     pass_docs = documents(args.docs, args.doc_tokens, lambda s: len(tok.encode(s)), seed=i + 1)
                     items = prompts(pass_docs, args.rounds, seed=i)
                     token_lists = [tok.encode(p) for _, p in items]
-                    r = entry["results"][str(c)] = measure(srv, items, token_lists, c, args.docs)
+                    r = entry["results"][str(c)] = measure(srv.base_url, sb.SERVED_NAME, items, token_lists, c,
+                                                           args.docs)
                     log(f"{name}: concurrency {c}: hit rate {r['hit_rate']} (ideal {r['ideal_hit_rate']}), p50 TTFT "
                         f"{r['p50_ttft_ms']} ms (later rounds {r['p50_ttft_later_rounds_ms']} ms), "
                         f"{r['requests_per_s']} req/s, per replica {r['per_replica']}")

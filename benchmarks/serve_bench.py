@@ -816,12 +816,20 @@ def _csv_ints(text: str) -> list[int]:
     return vals
 
 
-def _csv_servers(text: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [n for n in names if n not in SERVERS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown server(s) {bad or text!r}; choose from {','.join(SERVERS)}")
-    return names
+def csv_choices(choices: tuple[str, ...], what: str):
+    """An argparse type: a comma-separated list of ``choices`` (``what`` names them in the error)."""
+
+    def parse(text: str) -> list[str]:
+        names = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [n for n in names if n not in choices]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what}(s) {bad or text!r}; choose from {','.join(choices)}")
+        return names
+
+    return parse
+
+
+_csv_servers = csv_choices(SERVERS, "server")
 
 
 def _int_at_least(minimum: int):

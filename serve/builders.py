@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -147,13 +148,9 @@ def check_fits_node_types(cfg: AppConfig, types: dict[str, dict[str, float]] | N
     for i, m in enumerate(cfg.models):
         placement = m.placement()
         bundles = placement.bundles or [{"GPU": placement.actor.get("num_gpus", 0)}]
-        need = max(b.get("GPU", 0.0) for b in bundles)
-        if need <= most or need == 0:
+        need = math.ceil(max(b.get("GPU", 0.0) for b in bundles))  # a GPU fraction still needs a node with a GPU
+        if need == 0 or need <= most:
             continue
-        if need < 1:
-            need = 1.0  # a GPU fraction still needs a node with a GPU
-            if most >= 1:
-                continue
         key = "tensor_parallel" if getattr(m, "workers", 1) > 1 else "gpus"
         listed = ", ".join(f"{n}: {t.get('GPU', 0):g}" for n, t in sorted(types.items()))
         raise ConfigError(

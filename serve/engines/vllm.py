@@ -162,7 +162,6 @@ class VLLMEngine:
         self._engine = None
         self._adapters: OrderedDict[str, Any] = OrderedDict()  # least recently used first
         self._next_lora_id = 1
-        self.engine_stats = EngineStats()
 
     def _engine_args(self):
         from vllm import AsyncEngineArgs

@@ -43,47 +43,37 @@ def _status(cluster) -> dict:
     return httpx.get(cluster.base_url + "/v1/status", timeout=10).json()
 
 
-def _measure(cluster, tok, seed: int) -> tuple[dict, int, int, list[float]]:
-    """A fresh set of documents through the app: (per-replica (queries, hits) deltas, ideal hits, prompt tokens,
-    TTFTs)."""
+def _measure(cluster, tok, seed: int) -> dict:
+    """A fresh set of documents through the app, one request at a time (routing_bench's figures)."""
     docs = rb.documents(DOCS, DOC_TOKENS, lambda s: len(tok.encode(s)), seed=seed)
     items = rb.prompts(docs, ROUNDS, seed=seed)
-    token_lists = [tok.encode(p) for _, p in items]
     before = rb.prefix_counters(_status(cluster), "tiny")
     assert len(before) == 2, _status(cluster)["deployments"]  # both replicas report their engine's counters
-    ttfts = rb.run_workload(cluster.base_url, "tiny", items, concurrency=1)
-    queries = sum(len(t) for t in token_lists)
-    after = rb.wait_for_counters(lambda: _status(cluster), "tiny", sum(q for q, _ in before.values()) + queries)
-    return rb.counters_delta(before, after), rb.ideal_hits(token_lists), queries, ttfts
-
-
-def _p50_ms(values: list[float]) -> float:
-    return 1000 * sorted(values)[len(values) // 2]
+    return rb.measure(cluster.base_url, "tiny", items, [tok.encode(p) for _, p in items], 1, DOCS)
 
 
 def test_prefix_affinity_finds_shared_prefixes_cached_and_power_of_two_does_less(cluster, tiny_model_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
-    delta, ideal, queries, ttfts = _measure(cluster, tok, seed=1)
-    q, h = sum(v[0] for v in delta.values()), sum(v[1] for v in delta.values())
-    assert q == queries, (delta, queries)  # every prompt token counted once, by the replica that served it
-    assert all(v[0] >= queries // 4 for v in delta.values()), delta  # the documents spread over both replicas
+    aff = _measure(cluster, tok, seed=1)
+    q, h, ideal = aff["prefix_queries"], aff["prefix_hits"], aff["ideal_hits"]
+    assert q == aff["prompt_tokens"], aff  # every prompt token counted once, by the replica that served it
+    assert all(r["queries"] >= q // 4 for r in aff["per_replica"].values()), aff  # documents spread over both
     # Within a few blocks of an endless cache: each document stayed on the replica that first served it.
-    assert h >= 0.9 * ideal and ideal >= 0.5 * q, (h, ideal, q, delta)
-    affinity = (h / q, _p50_ms(ttfts[:DOCS]), _p50_ms(ttfts[DOCS:]))
+    assert h >= 0.9 * ideal and ideal >= 0.5 * q, aff
 
     # The same replicas (a new routing is applied to them: their engines stay up), routed by power of two.
-    replicas = set(delta)
     cluster.deploy({"models": [{**MODEL, "source": tiny_model_path, "routing": "power_of_two"}]})
-    delta, ideal, queries, ttfts = _measure(cluster, tok, seed=2)
-    assert set(delta) == replicas, (delta, replicas)
-    q2, h2 = sum(v[0] for v in delta.values()), sum(v[1] for v in delta.values())
-    assert q2 == queries
-    assert h2 / q2 < affinity[0] - 0.1, (h2 / q2, affinity)  # each replica saw every document and evicted
-    print(f"hit rate (ideal {ideal / q2:.2f}): prefix_affinity {affinity[0]:.2f}, power_of_two {h2 / q2:.2f}; p50 TTFT "
-          f"first round / later rounds: prefix_affinity {affinity[1]:.1f} / {affinity[2]:.1f} ms, power_of_two "
-          f"{_p50_ms(ttfts[:DOCS]):.1f} / {_p50_ms(ttfts[DOCS:]):.1f} ms")
+    p2c = _measure(cluster, tok, seed=2)
+    assert set(p2c["per_replica"]) == set(aff["per_replica"]), (p2c, aff)
+    q2, h2 = p2c["prefix_queries"], p2c["prefix_hits"]
+    assert q2 == p2c["prompt_tokens"], p2c
+    assert h2 / q2 < h / q - 0.1, (p2c, aff)  # each replica saw every document and evicted
+    print(f"hit rate (ideal {p2c['ideal_hit_rate']}): prefix_affinity {h / q:.2f}, power_of_two {h2 / q2:.2f}; p50 "
+          f"TTFT first round / later rounds: prefix_affinity {aff['p50_ttft_first_round_ms']} / "
+          f"{aff['p50_ttft_later_rounds_ms']} ms, power_of_two {p2c['p50_ttft_first_round_ms']} / "
+          f"{p2c['p50_ttft_later_rounds_ms']} ms")
 
 
 def test_status_shows_each_replicas_kv_cache_and_queue(cluster):
